@@ -1,0 +1,139 @@
+//! The command line: `weir run`, `weir validate`, `weir test`, `weir sample`.
+//!
+//! Process settings (log format, metrics address) are flags or environment
+//! variables; what a pipeline means is in its TOML file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing::info;
+
+use crate::config::Pipeline;
+use crate::metrics::Metrics;
+
+/// weir: land every domain event, checked and enriched, in a database an
+/// auditor can query.
+#[derive(Debug, Parser)]
+#[command(name = "weir", version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "WEIR_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a pipeline until SIGINT or SIGTERM.
+    Run {
+        /// The pipeline file.
+        #[arg(default_value = "pipelines/audit.toml")]
+        pipeline: PathBuf,
+    },
+    /// Check pipeline files and what they refer to, connecting to nothing.
+    Validate {
+        /// Pipeline files; default: every .toml file in pipelines/.
+        pipelines: Vec<PathBuf>,
+        /// `text` prints `file:line: message`; `github` prints workflow
+        /// annotations.
+        #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+        format: ReportFormat,
+    },
+    /// Write generated sample events as NDJSON to standard output.
+    Sample {
+        /// Number of lines.
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        /// Seed; the same seed gives the same bytes.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// About one line in this many repeats an earlier line; 0 for none.
+        #[arg(long, default_value_t = 40)]
+        duplicate_every: usize,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    Text,
+    Github,
+}
+
+/// Sets up logging. `RUST_LOG` (or `WEIR_LOG`) picks levels; default `info`.
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Runs the parsed command.
+///
+/// # Errors
+///
+/// Start-up failures, with their whole chain of causes.
+pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { pipeline } => run(pipeline).await,
+        Command::Validate { pipelines, format } => Ok(crate::validate::run(&pipelines, format)),
+        Command::Sample {
+            count,
+            seed,
+            duplicate_every,
+        } => {
+            let spec = crate::sample::SampleSpec {
+                count,
+                seed,
+                duplicate_every,
+            };
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            crate::sample::write_ndjson(&spec, &mut out).context("cannot write sample events")?;
+            std::io::Write::flush(&mut out).context("cannot write sample events")?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn run(path: PathBuf) -> anyhow::Result<ExitCode> {
+    let pipeline = Pipeline::load(&path)?;
+    info!(pipeline = %path.display(), "Pipeline loaded.");
+    let metrics = Arc::new(Metrics::new(Default::default()));
+    crate::pipeline::run(&pipeline, metrics, shutdown_signal())
+        .await
+        .with_context(|| format!("pipeline {} failed", path.display()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::warn!(%error, "Cannot listen for SIGTERM; only SIGINT stops weir.");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

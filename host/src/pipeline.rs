@@ -1,0 +1,363 @@
+//! The wiring: source → transforms → sink, and the delivery rules.
+//!
+//! This is the only module that knows the order of the stages. For each
+//! delivery it decodes the body once and computes the idempotency key, runs
+//! the transforms, and either adds the event to the open batch, acks it
+//! (dropped on purpose) or dead-letters it with the reason. A batch is
+//! written when it holds `max_events` or when its oldest event has waited
+//! `max_wait`, by a timer; only after the sink committed it are its
+//! deliveries acknowledged.
+//!
+//! Transient failures (the database unreachable, a dead letter not
+//! confirmed) are retried with exponential backoff and jitter while nothing
+//! new is taken from the source, so the broker keeps the rest. Shutdown
+//! stops consumption, writes and acknowledges the open batch, then closes.
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::time::sleep_until;
+use tracing::{error, info, instrument, trace, warn};
+
+use crate::config::{BatchConfig, KeySource, Pipeline, SourceConfig};
+use crate::event::{Event, Rejection};
+use crate::metrics::{Metrics, Status};
+use crate::sinks::{RowOutcome, Sink, SinkError};
+use crate::sources::amqp::AmqpSource;
+use crate::sources::{Source, SourceError};
+use crate::transforms::{Chain, Verdict};
+
+/// Why a pipeline stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    #[error("cannot build the transforms")]
+    Transforms(#[from] crate::transforms::TransformError),
+    #[error("sink `{0}` failed")]
+    Sink(&'static str, #[source] SinkError),
+    #[error("source failed")]
+    Source(#[from] SourceError),
+}
+
+/// What a run did, for the closing log line and summaries.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub received: u64,
+    pub stored: u64,
+    pub duplicates: u64,
+    pub dead_lettered: u64,
+    pub dropped: u64,
+}
+
+/// Runs a pipeline until `shutdown` resolves or the source ends.
+///
+/// # Errors
+///
+/// When a stage cannot start, or fails in a way retrying cannot fix.
+pub async fn run(
+    pipeline: &Pipeline,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Summary, PipelineError> {
+    let chain = Chain::build(pipeline)?;
+    let sink_cfg = &pipeline.config.sink;
+    let sink = Sink::connect(sink_cfg)
+        .await
+        .map_err(|e| PipelineError::Sink(sink_name(sink_cfg), e))?;
+    let source = match &pipeline.config.source {
+        SourceConfig::Amqp(cfg) => AmqpSource::connect(cfg).await.map_err(SourceError::from)?,
+    };
+    info!(pipeline = %pipeline.path.display(), transforms = chain.stages().len(), "Pipeline started.");
+    metrics.set_ready(true);
+    let mut runner = Runner {
+        source,
+        chain,
+        sink,
+        metrics: metrics.clone(),
+        key: pipeline.config.idempotency.key.clone(),
+        batch_cfg: sink_cfg.batch(),
+        batch: Batch::default(),
+        summary: Summary::default(),
+    };
+    let result = runner.run(shutdown).await;
+    metrics.set_ready(false);
+    let summary = runner.summary;
+    runner.source.close().await;
+    runner.sink.close().await;
+    info!(
+        received = summary.received,
+        stored = summary.stored,
+        duplicates = summary.duplicates,
+        dead_lettered = summary.dead_lettered,
+        dropped = summary.dropped,
+        "Pipeline stopped."
+    );
+    result.map(|()| summary)
+}
+
+fn sink_name(cfg: &crate::config::SinkConfig) -> &'static str {
+    match cfg {
+        crate::config::SinkConfig::Postgres(_) => "postgres",
+        crate::config::SinkConfig::Blackhole(_) => "blackhole",
+    }
+}
+
+/// Events waiting to be written, with their deliveries.
+struct Batch<D> {
+    events: Vec<Event>,
+    pending: Vec<Pending<D>>,
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl<D> Default for Batch<D> {
+    fn default() -> Self {
+        Batch {
+            events: Vec::new(),
+            pending: Vec::new(),
+            deadline: None,
+        }
+    }
+}
+
+/// A delivery whose event is in the open batch.
+struct Pending<D> {
+    delivery: D,
+    received: Instant,
+}
+
+struct Runner<S: Source> {
+    source: S,
+    chain: Chain,
+    sink: Sink,
+    metrics: Arc<Metrics>,
+    key: Vec<KeySource>,
+    batch_cfg: BatchConfig,
+    batch: Batch<S::Delivery>,
+    summary: Summary,
+}
+
+impl<S: Source> Runner<S> {
+    async fn run(&mut self, shutdown: impl Future<Output = ()>) -> Result<(), PipelineError> {
+        let mut shutdown = pin!(shutdown);
+        loop {
+            let deadline = self.batch.deadline;
+            tokio::select! {
+                biased;
+                () = &mut shutdown => {
+                    info!("Shutdown requested; flushing the open batch.");
+                    self.source.stop().await;
+                    break;
+                }
+                () = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
+                    self.flush().await?;
+                }
+                next = self.source.next() => match next {
+                    Some(Ok(d)) => self.handle(d).await?,
+                    Some(Err(e)) => {
+                        error!(error = %e, "Source failed.");
+                        return Err(e.into());
+                    }
+                    None => {
+                        info!("Source ended.");
+                        break;
+                    }
+                },
+            }
+        }
+        self.flush().await
+    }
+
+    #[instrument(level = "trace", skip_all)]
+    async fn handle(&mut self, delivery: S::Delivery) -> Result<(), PipelineError> {
+        let received = Instant::now();
+        self.summary.received += 1;
+        let decoded = Event::decode(S::message(&delivery), &self.key);
+        self.metrics.stage("decode", received.elapsed());
+        let mut event = match decoded {
+            Ok(e) => e,
+            Err(why) => return self.dead_letter(&delivery, "", None, &why, received).await,
+        };
+        trace!(key = %event.key, event_type = %event.event_type(), "Event decoded.");
+
+        let started = Instant::now();
+        let verdict = self.chain.apply(&mut event);
+        self.metrics.stage("transforms", started.elapsed());
+        match verdict {
+            Verdict::Keep => {
+                if self.batch.events.is_empty() {
+                    self.batch.deadline =
+                        Some(tokio::time::Instant::now() + self.batch_cfg.max_wait);
+                }
+                self.batch.events.push(event);
+                self.batch.pending.push(Pending { delivery, received });
+                if self.batch.events.len() >= self.batch_cfg.max_events {
+                    self.flush().await?;
+                }
+                Ok(())
+            }
+            Verdict::Drop => {
+                self.settle(|s| s.ack(&delivery)).await?;
+                self.summary.dropped += 1;
+                self.metrics
+                    .finished(event.event_type(), Status::Dropped, received);
+                Ok(())
+            }
+            Verdict::Reject(why) => {
+                let event_type = event.event_type().to_string();
+                self.dead_letter(&delivery, &event_type, Some(&event.key), &why, received)
+                    .await
+            }
+        }
+    }
+
+    /// Writes the open batch, retrying transient failures, then
+    /// acknowledges what was stored and dead-letters what was refused.
+    async fn flush(&mut self) -> Result<(), PipelineError> {
+        self.batch.deadline = None;
+        if self.batch.events.is_empty() {
+            return Ok(());
+        }
+        let events = std::mem::take(&mut self.batch.events);
+        let pending = std::mem::take(&mut self.batch.pending);
+
+        let mut backoff = Backoff::default();
+        let started = Instant::now();
+        let report = loop {
+            match self.sink.write(&events).await {
+                Ok(report) => break report,
+                Err(e) if e.is_transient() => {
+                    let wait = backoff.next_delay();
+                    warn!(sink = self.sink.name(), error = %e, retry_in = ?wait, "Sink write failed; retrying.");
+                    self.metrics.retry(self.sink.name());
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(PipelineError::Sink(self.sink.name(), e)),
+            }
+        };
+        self.metrics.committed(events.len(), started.elapsed());
+
+        for ((event, p), outcome) in events.iter().zip(&pending).zip(report) {
+            let event_type = event.event_type();
+            match outcome {
+                RowOutcome::Refused(why) => {
+                    self.dead_letter(&p.delivery, event_type, Some(&event.key), &why, p.received)
+                        .await?;
+                }
+                RowOutcome::Stored => {
+                    self.settle(|s| s.ack(&p.delivery)).await?;
+                    self.summary.stored += 1;
+                    self.metrics
+                        .finished(event_type, Status::Stored, p.received);
+                }
+                RowOutcome::Duplicate => {
+                    self.settle(|s| s.ack(&p.delivery)).await?;
+                    self.summary.duplicates += 1;
+                    self.metrics.duplicate(event_type, &event.key, p.received);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &mut self,
+        delivery: &S::Delivery,
+        event_type: &str,
+        key: Option<&str>,
+        why: &Rejection,
+        received: Instant,
+    ) -> Result<(), PipelineError> {
+        self.settle(|s| s.dead_letter(delivery, why, key)).await?;
+        self.summary.dead_lettered += 1;
+        self.metrics.dead_lettered(event_type, key, why, received);
+        Ok(())
+    }
+
+    /// Runs a settlement (ack or dead letter), retrying while the failure
+    /// is transient. Acks on a dead channel cannot be retried: the broker
+    /// has already put those messages back, so that error is returned.
+    async fn settle<'a, F, Fut>(&'a self, op: F) -> Result<(), PipelineError>
+    where
+        F: Fn(&'a S) -> Fut,
+        Fut: Future<Output = Result<(), SourceError>>,
+    {
+        let mut backoff = Backoff::default();
+        loop {
+            match op(&self.source).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() && backoff.attempts < 8 => {
+                    let wait = backoff.next_delay();
+                    warn!(error = %e, retry_in = ?wait, "Settling a delivery failed; retrying.");
+                    self.metrics.retry("source");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+/// Exponential backoff with full jitter, from 100 ms up to 30 s.
+#[derive(Debug)]
+pub struct Backoff {
+    attempts: u32,
+    base: Duration,
+    max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            attempts: 0,
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before the next attempt: a random point below
+    /// `base * 2^attempts`, capped at `max`, but never under half of it so
+    /// retries do not bunch up at zero.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << self.attempts.min(16))
+            .min(self.max);
+        self.attempts += 1;
+        let nanos = ceiling.as_nanos() as u64;
+        let jitter = jitter_fraction();
+        Duration::from_nanos(nanos / 2 + (nanos as f64 / 2.0 * jitter) as u64)
+    }
+}
+
+/// A number in [0, 1) that differs between calls and processes.
+fn jitter_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_stays_within_bounds() {
+        let mut b = Backoff::default();
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        for _ in 0..30 {
+            let d = b.next_delay();
+            assert!(d <= Duration::from_secs(30));
+        }
+        assert!(b.next_delay() >= Duration::from_secs(15));
+    }
+}

@@ -1,0 +1,423 @@
+//! The PostgreSQL sink: batches of events become rows of `audit_logs` in one
+//! multi-row insert that skips keys already stored.
+//!
+//! The insert binds one array per column and expands them with `UNNEST`, so
+//! the statement is the same whatever the batch size and is prepared once
+//! per connection. `ON CONFLICT (event_id) DO NOTHING` makes a redelivered
+//! event a no-op; two copies of one event in a batch are fine for the same
+//! reason.
+//!
+//! Values PostgreSQL would refuse are made to fit before the insert, by
+//! these rules, so that they never cause a retry loop:
+//!
+//! - a NUL (`\u0000`) in any string or key is replaced by U+FFFD;
+//! - a `timestamp` that is not RFC 3339 leaves `occurred_at` NULL;
+//! - an `ip_address` that is not an IPv4 or IPv6 address leaves the `inet`
+//!   column NULL (the raw text stays in `metadata`).
+//!
+//! Whenever a rule fires, the row keeps the body exactly as received in
+//! `raw_body` and names the rules in `anomalies`. A batch the database still
+//! refuses with a data or constraint error is split until the refused rows
+//! are found; those are dead-lettered with the database's message.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::LazyLock;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::types::Json;
+use tracing::{debug, info};
+
+use crate::config::{redact_url as redact, PostgresSinkConfig};
+use crate::event::{Event, ReasonClass, Rejection};
+
+/// The statement every batch runs.
+const INSERT: &str = "\
+INSERT INTO audit_logs (event_id, event_type, service, version, payload, metadata, \
+    organization_id, user_id, ip_address, user_agent, correlation_id, occurred_at, \
+    exchange, routing_key, raw_body, anomalies) \
+SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], \
+    $6::jsonb[], $7::text[], $8::text[], $9::text[]::inet[], $10::text[], $11::text[], \
+    $12::timestamptz[], $13::text[], $14::text[], $15::bytea[], $16::text[]) \
+ON CONFLICT (event_id) DO NOTHING \
+RETURNING event_id";
+
+/// A sink error that concerns the whole batch.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PostgresError {
+    #[error("cannot connect to PostgreSQL at {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot apply the migrations in migrations/postgres")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("cannot insert a batch of {len} events")]
+    Insert {
+        len: usize,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+impl PostgresError {
+    /// Whether waiting may fix this. Data and constraint errors (SQLSTATE
+    /// classes 22 and 23) are about the rows, not the database, and are
+    /// handled by splitting the batch; everything else is the database's
+    /// state and worth a retry.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PostgresError::Insert { source, .. } => !is_row_error(source),
+            PostgresError::Connect { .. } => true,
+            PostgresError::Migrate(_) => false,
+        }
+    }
+}
+
+/// Whether the database refused rows for their content.
+fn is_row_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+        sqlx::Error::Encode(_) => true,
+        _ => false,
+    }
+}
+
+/// What became of one event of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowOutcome {
+    /// A new row was committed.
+    Stored,
+    /// Its key was already stored (or came earlier in the same batch).
+    Duplicate,
+    /// The database refused the row for its content.
+    Refused(Rejection),
+}
+
+/// A connected PostgreSQL sink.
+pub struct PostgresSink {
+    pool: PgPool,
+}
+
+impl PostgresSink {
+    /// Connects and applies the migrations.
+    ///
+    /// # Errors
+    ///
+    /// When the database cannot be reached or a migration fails.
+    pub async fn connect(cfg: &PostgresSinkConfig) -> Result<PostgresSink, PostgresError> {
+        let connect_err = |source| PostgresError::Connect {
+            url: redact(&cfg.url),
+            source,
+        };
+        let options: PgConnectOptions = cfg.url.parse().map_err(connect_err)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(cfg.pool_size.max(1))
+            .acquire_timeout(cfg.connect_timeout)
+            .connect_with(options.application_name("weir"))
+            .await
+            .map_err(connect_err)?;
+        info!(url = %redact(&cfg.url), "Connected to PostgreSQL.");
+        if cfg.migrate {
+            sqlx::migrate!("../migrations/postgres")
+                .run(&pool)
+                .await
+                .map_err(PostgresError::Migrate)?;
+            debug!("Migrations applied.");
+        }
+        Ok(PostgresSink { pool })
+    }
+
+    /// The pool, for health checks.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Stores a batch. Rows the database refuses for their content are
+    /// reported, not retried; the rest are stored.
+    ///
+    /// # Errors
+    ///
+    /// A transient error for the whole batch (connection lost, pool
+    /// exhausted, database shutting down): nothing in the report can be
+    /// trusted and the whole batch must be written again.
+    pub async fn write(&self, events: &[Event]) -> Result<Vec<RowOutcome>, PostgresError> {
+        let rows: Vec<Row<'_>> = events.iter().map(Row::from_event).collect();
+        let mut outcomes = vec![RowOutcome::Duplicate; rows.len()];
+        let mut pending = vec![(0usize, rows.len())];
+        while let Some((start, end)) = pending.pop() {
+            match self.insert(&rows[start..end]).await {
+                Ok(inserted) => mark_stored(&rows[start..end], inserted, &mut outcomes[start..end]),
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) if end - start == 1 => outcomes[start] = RowOutcome::Refused(refusal(&e)),
+                Err(_) => {
+                    let mid = start + (end - start) / 2;
+                    pending.push((mid, end));
+                    pending.push((start, mid));
+                }
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Inserts rows and returns the keys that were new.
+    async fn insert(&self, rows: &[Row<'_>]) -> Result<Vec<String>, PostgresError> {
+        let cols = Columns::new(rows);
+        sqlx::query_scalar(INSERT)
+            .bind(cols.event_id)
+            .bind(cols.event_type)
+            .bind(cols.service)
+            .bind(cols.version)
+            .bind(cols.payload)
+            .bind(cols.metadata)
+            .bind(cols.organization_id)
+            .bind(cols.user_id)
+            .bind(cols.ip_address)
+            .bind(cols.user_agent)
+            .bind(cols.correlation_id)
+            .bind(cols.occurred_at)
+            .bind(cols.exchange)
+            .bind(cols.routing_key)
+            .bind(cols.raw_body)
+            .bind(cols.anomalies)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|source| PostgresError::Insert {
+                len: rows.len(),
+                source,
+            })
+    }
+
+    /// Closes the pool, waiting for connections in use.
+    pub async fn close(self) {
+        self.pool.close().await;
+    }
+}
+
+/// Marks as stored the first row of each key the database returned; later
+/// rows with the same key stay duplicates.
+fn mark_stored(rows: &[Row<'_>], mut inserted: Vec<String>, out: &mut [RowOutcome]) {
+    if inserted.len() == rows.len() {
+        out.fill(RowOutcome::Stored);
+        return;
+    }
+    inserted.sort_unstable();
+    let mut seen = vec![false; inserted.len()];
+    for (row, outcome) in rows.iter().zip(out.iter_mut()) {
+        if let Ok(i) = inserted.binary_search_by(|k| k.as_str().cmp(&row.event_id)) {
+            if !seen[i] {
+                seen[i] = true;
+                *outcome = RowOutcome::Stored;
+            }
+        }
+    }
+}
+
+fn refusal(e: &PostgresError) -> Rejection {
+    let detail = match e {
+        PostgresError::Insert {
+            source: sqlx::Error::Database(db),
+            ..
+        } => format!(
+            "database refused the row: {} (SQLSTATE {})",
+            db.message(),
+            db.code().as_deref().unwrap_or("?")
+        ),
+        other => format!("database refused the row: {other}"),
+    };
+    Rejection::new(ReasonClass::Database, "postgres", detail)
+}
+
+/// One event's column values. Borrows from the event unless a value had to
+/// be changed to fit.
+#[derive(Debug)]
+pub struct Row<'a> {
+    pub event_id: Cow<'a, str>,
+    pub event_type: Cow<'a, str>,
+    pub service: Cow<'a, str>,
+    pub version: Cow<'a, str>,
+    pub payload: Cow<'a, Value>,
+    pub metadata: Cow<'a, Value>,
+    pub organization_id: Option<Cow<'a, str>>,
+    pub user_id: Option<Cow<'a, str>>,
+    pub ip_address: Option<String>,
+    pub user_agent: Option<Cow<'a, str>>,
+    pub correlation_id: Option<Cow<'a, str>>,
+    pub occurred_at: Option<DateTime<Utc>>,
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub raw_body: Option<Vec<u8>>,
+    pub anomalies: Option<String>,
+}
+
+static EMPTY_OBJECT: LazyLock<Value> = LazyLock::new(|| Value::Object(Map::new()));
+
+impl<'a> Row<'a> {
+    /// Maps an event to its row, applying the rules of this module's docs.
+    pub fn from_event(e: &'a Event) -> Row<'a> {
+        let body = &e.body;
+        let payload = body.get("payload").unwrap_or(&EMPTY_OBJECT);
+        let metadata = body
+            .get("metadata")
+            .filter(|m| m.is_object())
+            .unwrap_or(&EMPTY_OBJECT);
+        let mut anomalies = Vec::new();
+        let occurred_at = parse_timestamp(body.get("timestamp"), &mut anomalies);
+        let ip_address = parse_ip(metadata.get("ip_address"), &mut anomalies);
+        let nul = contains_nul_map(body);
+        if nul {
+            anomalies.push("nul_replaced");
+        }
+
+        let text = |v: Option<&'a Value>| -> Option<Cow<'a, str>> {
+            match v? {
+                Value::String(s) => Some(clean_str(s, nul)),
+                Value::Number(n) => Some(Cow::Owned(n.to_string())),
+                _ => None,
+            }
+        };
+        let json = |v: &'a Value| {
+            if nul {
+                Cow::Owned(clean_value(v))
+            } else {
+                Cow::Borrowed(v)
+            }
+        };
+        let mut row = Row {
+            event_id: clean_str(&e.key, nul),
+            event_type: text(body.get("event_type")).unwrap_or_default(),
+            service: text(body.get("service")).unwrap_or_default(),
+            version: text(body.get("version")).unwrap_or(Cow::Borrowed("1.0")),
+            payload: json(payload),
+            metadata: json(metadata),
+            organization_id: text(payload.get("organization_id"))
+                .or_else(|| text(metadata.get("organization_id"))),
+            user_id: text(metadata.get("user_id")).or_else(|| text(payload.get("user_id"))),
+            ip_address,
+            user_agent: text(metadata.get("user_agent")),
+            correlation_id: text(metadata.get("correlation_id")),
+            occurred_at,
+            exchange: &e.exchange,
+            routing_key: &e.routing_key,
+            raw_body: None,
+            anomalies: None,
+        };
+        if !anomalies.is_empty() {
+            row.raw_body = Some(serde_json::to_vec(body).unwrap_or_default());
+            row.anomalies = Some(anomalies.join(","));
+        }
+        row
+    }
+}
+
+fn parse_timestamp(v: Option<&Value>, anomalies: &mut Vec<&'static str>) -> Option<DateTime<Utc>> {
+    match v {
+        None | Some(Value::Null) => None,
+        Some(v) => {
+            let parsed = v
+                .as_str()
+                .and_then(|s| DateTime::parse_from_rfc3339(s).ok());
+            if parsed.is_none() {
+                anomalies.push("timestamp_unparseable");
+            }
+            parsed.map(|t| t.with_timezone(&Utc))
+        }
+    }
+}
+
+fn parse_ip(v: Option<&Value>, anomalies: &mut Vec<&'static str>) -> Option<String> {
+    match v {
+        None | Some(Value::Null) => None,
+        Some(v) => {
+            let parsed = v.as_str().and_then(|s| s.parse::<IpAddr>().ok());
+            if parsed.is_none() {
+                anomalies.push("ip_address_invalid");
+            }
+            parsed.map(|ip| ip.to_string())
+        }
+    }
+}
+
+fn clean_str(s: &str, nul: bool) -> Cow<'_, str> {
+    if nul && s.contains('\0') {
+        Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+/// Column arrays for one insert, borrowing from the rows.
+struct Columns<'r> {
+    event_id: Vec<&'r str>,
+    event_type: Vec<&'r str>,
+    service: Vec<&'r str>,
+    version: Vec<&'r str>,
+    payload: Vec<Json<&'r Value>>,
+    metadata: Vec<Json<&'r Value>>,
+    organization_id: Vec<Option<&'r str>>,
+    user_id: Vec<Option<&'r str>>,
+    ip_address: Vec<Option<&'r str>>,
+    user_agent: Vec<Option<&'r str>>,
+    correlation_id: Vec<Option<&'r str>>,
+    occurred_at: Vec<Option<DateTime<Utc>>>,
+    exchange: Vec<&'r str>,
+    routing_key: Vec<&'r str>,
+    raw_body: Vec<Option<&'r [u8]>>,
+    anomalies: Vec<Option<&'r str>>,
+}
+
+impl<'r> Columns<'r> {
+    fn new(rows: &'r [Row<'_>]) -> Self {
+        Columns {
+            event_id: rows.iter().map(|r| &*r.event_id).collect(),
+            event_type: rows.iter().map(|r| &*r.event_type).collect(),
+            service: rows.iter().map(|r| &*r.service).collect(),
+            version: rows.iter().map(|r| &*r.version).collect(),
+            payload: rows.iter().map(|r| Json(&*r.payload)).collect(),
+            metadata: rows.iter().map(|r| Json(&*r.metadata)).collect(),
+            organization_id: rows.iter().map(|r| r.organization_id.as_deref()).collect(),
+            user_id: rows.iter().map(|r| r.user_id.as_deref()).collect(),
+            ip_address: rows.iter().map(|r| r.ip_address.as_deref()).collect(),
+            user_agent: rows.iter().map(|r| r.user_agent.as_deref()).collect(),
+            correlation_id: rows.iter().map(|r| r.correlation_id.as_deref()).collect(),
+            occurred_at: rows.iter().map(|r| r.occurred_at).collect(),
+            exchange: rows.iter().map(|r| r.exchange).collect(),
+            routing_key: rows.iter().map(|r| r.routing_key).collect(),
+            raw_body: rows.iter().map(|r| r.raw_body.as_deref()).collect(),
+            anomalies: rows.iter().map(|r| r.anomalies.as_deref()).collect(),
+        }
+    }
+}
+
+/// The value with every NUL in strings and keys replaced by U+FFFD.
+fn clean_value(v: &Value) -> Value {
+    match v {
+        Value::String(s) if s.contains('\0') => Value::String(s.replace('\0', "\u{FFFD}")),
+        Value::Array(items) => Value::Array(items.iter().map(clean_value).collect()),
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| (k.replace('\0', "\u{FFFD}"), clean_value(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+fn contains_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(contains_nul),
+        Value::Object(m) => contains_nul_map(m),
+        _ => false,
+    }
+}
+
+fn contains_nul_map(m: &Map<String, Value>) -> bool {
+    m.iter().any(|(k, v)| k.contains('\0') || contains_nul(v))
+}

@@ -1,0 +1,97 @@
+//! Sources: where events come from.
+//!
+//! - [`amqp`]: a RabbitMQ queue, with its topology and dead-letter exchange.
+//!
+//! A source hands out deliveries, each wrapping a [`Message`], and later
+//! hears what became of each: acknowledged (stored, or dropped on purpose)
+//! or dead-lettered with a reason. Until then the delivery is the source's
+//! to redeliver.
+
+pub mod amqp;
+
+use crate::event::{Message, Rejection};
+
+/// A source error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    #[error(transparent)]
+    Amqp(#[from] amqp::AmqpError),
+}
+
+impl SourceError {
+    /// Whether waiting and reconnecting may fix this.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SourceError::Amqp(e) => e.is_transient(),
+        }
+    }
+}
+
+/// What the pipeline needs from a source.
+#[allow(async_fn_in_trait)]
+pub trait Source {
+    /// One message handed out and not yet settled.
+    type Delivery;
+
+    /// The next delivery, or `None` when the source has no more.
+    async fn next(&mut self) -> Option<Result<Self::Delivery, SourceError>>;
+
+    /// The message inside a delivery.
+    fn message(d: &Self::Delivery) -> &Message;
+
+    /// Settles deliveries whose events were stored or dropped.
+    async fn ack(&self, d: &Self::Delivery) -> Result<(), SourceError>;
+
+    /// Sends the original message where dead letters go, with the reason,
+    /// then settles the delivery.
+    async fn dead_letter(
+        &self,
+        d: &Self::Delivery,
+        why: &Rejection,
+        key: Option<&str>,
+    ) -> Result<(), SourceError>;
+
+    /// Asks for no more deliveries.
+    async fn stop(&self);
+
+    /// Closes the source; unsettled deliveries are redelivered later.
+    async fn close(self);
+}
+
+impl Source for amqp::AmqpSource {
+    type Delivery = amqp::Delivery;
+
+    async fn next(&mut self) -> Option<Result<Self::Delivery, SourceError>> {
+        Some(
+            amqp::AmqpSource::next(self)
+                .await?
+                .map_err(SourceError::from),
+        )
+    }
+
+    fn message(d: &Self::Delivery) -> &Message {
+        &d.message
+    }
+
+    async fn ack(&self, d: &Self::Delivery) -> Result<(), SourceError> {
+        Ok(amqp::AmqpSource::ack(self, d).await?)
+    }
+
+    async fn dead_letter(
+        &self,
+        d: &Self::Delivery,
+        why: &Rejection,
+        key: Option<&str>,
+    ) -> Result<(), SourceError> {
+        Ok(amqp::AmqpSource::dead_letter(self, d, why, key).await?)
+    }
+
+    async fn stop(&self) {
+        self.stop_consuming().await;
+    }
+
+    async fn close(self) {
+        amqp::AmqpSource::close(self).await;
+    }
+}

@@ -1,0 +1,122 @@
+//! Transforms: stages that look at each event between source and sink and
+//! keep it (possibly changed), drop it, or reject it with a reason.
+//!
+//! - [`schema`]: JSON Schema per `event_type` and version.
+//! - [`wasm`]: WebAssembly plugins under wasmtime's component model.
+//!
+//! A transform never talks to a broker or a database; the pipeline decides
+//! what a verdict means for delivery (ack, dead-letter).
+
+pub mod schema;
+pub mod wasm;
+
+use crate::config::{Pipeline, TransformConfig};
+use crate::event::{Event, Rejection};
+
+/// What a transform decided for one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Pass the (possibly changed) event on.
+    Keep,
+    /// Acknowledge the event and store nothing.
+    Drop,
+    /// Dead-letter the event with this reason.
+    Reject(Rejection),
+}
+
+/// A transform could not be built at start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransformError {
+    #[error("{}:{line}: transform `{name}`", path.display())]
+    Stage {
+        path: std::path::PathBuf,
+        line: usize,
+        name: String,
+        #[source]
+        source: anyhow::Error,
+    },
+}
+
+/// One built stage.
+pub enum Transform {
+    Schema(schema::SchemaTransform),
+    Wasm(wasm::WasmTransform),
+}
+
+impl Transform {
+    /// The stage's name from the pipeline file.
+    pub fn name(&self) -> &str {
+        match self {
+            Transform::Schema(s) => s.name(),
+            Transform::Wasm(w) => w.name(),
+        }
+    }
+
+    /// Runs the stage on one event.
+    pub fn apply(&mut self, event: &mut Event) -> Verdict {
+        match self {
+            Transform::Schema(s) => s.apply(event),
+            Transform::Wasm(w) => w.apply(event),
+        }
+    }
+}
+
+/// The pipeline's transforms, in order.
+#[derive(Default)]
+pub struct Chain {
+    stages: Vec<Transform>,
+}
+
+impl Chain {
+    /// Builds every transform of a pipeline: compiles schemas and plugins
+    /// once, so that a broken one stops start-up.
+    ///
+    /// # Errors
+    ///
+    /// The first stage that cannot be built, with its line in the file.
+    pub fn build(pipeline: &Pipeline) -> Result<Chain, TransformError> {
+        let engine = std::cell::OnceCell::new();
+        let mut stages = Vec::with_capacity(pipeline.config.transforms.len());
+        for (i, cfg) in pipeline.config.transforms.iter().enumerate() {
+            let built = match cfg {
+                TransformConfig::Schema(c) => {
+                    schema::SchemaTransform::new(c, &pipeline.resolve(&c.dir))
+                        .map(Transform::Schema)
+                }
+                TransformConfig::Wasm(c) => {
+                    let engine = match engine.get() {
+                        Some(e) => Ok(e),
+                        None => wasm::engine().map(|e| &*engine.get_or_init(|| e)),
+                    };
+                    engine
+                        .and_then(|e| wasm::WasmTransform::new(e, c, &pipeline.resolve(&c.path)))
+                        .map(Transform::Wasm)
+                }
+            };
+            stages.push(built.map_err(|source| TransformError::Stage {
+                path: pipeline.path.clone(),
+                line: pipeline.line_of("transforms", i, None),
+                name: cfg.name().to_string(),
+                source,
+            })?);
+        }
+        Ok(Chain { stages })
+    }
+
+    /// Runs the event through every stage until one does not keep it.
+    pub fn apply(&mut self, event: &mut Event) -> Verdict {
+        for stage in &mut self.stages {
+            match stage.apply(event) {
+                Verdict::Keep => {}
+                other => return other,
+            }
+        }
+        Verdict::Keep
+    }
+
+    /// The stages, in order.
+    pub fn stages(&self) -> &[Transform] {
+        &self.stages
+    }
+}

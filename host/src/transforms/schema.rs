@@ -1,0 +1,309 @@
+//! The schema transform: checks each event against the JSON Schema (draft
+//! 2020-12) of its `event_type` and `version`.
+//!
+//! Layout of the schema directory: `<event_type>/<version>.json`, e.g.
+//! `order.created/1.1.json`; directories whose name starts with `_` hold
+//! shared parts that schemas reference with `$ref` and are not event types.
+//! Lookup: an event's `version` selects its file exactly; if that file is
+//! missing, the highest version with the same major number below it is used;
+//! an event without `version` is treated as `1.0`. No match means the type
+//! has no schema, and the `on_missing` policy applies.
+//!
+//! Every schema compiles once, at start, with `format` asserted (date-time,
+//! uuid, ipv4, ipv6, email). `$ref`s to `https://weir.invalid/schemas/...`
+//! (the `$id` base of the shipped schemas) and relative refs resolve to files
+//! in the directory; nothing is fetched from the network.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context};
+use jsonschema::{Draft, Validator};
+use serde_json::Value;
+
+use crate::config::{SchemaPolicy, SchemaTransformConfig};
+use crate::event::{Event, ReasonClass, Rejection};
+
+use super::Verdict;
+
+/// The `$id` prefix that maps to the schema directory.
+pub const ID_BASE: &str = "https://weir.invalid/schemas/";
+
+/// The most failing locations listed in one dead-letter reason.
+const MAX_LISTED: usize = 20;
+
+/// A version number such as `1.1`, compared numerically part by part.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Version(Vec<u64>);
+
+impl Version {
+    /// Parses `1`, `1.1`, `2.0.3`; anything else is `None`.
+    pub fn parse(s: &str) -> Option<Version> {
+        let parts: Option<Vec<u64>> = s.split('.').map(|p| p.parse().ok()).collect();
+        parts.filter(|p| !p.is_empty()).map(Version)
+    }
+
+    fn major(&self) -> u64 {
+        self.0[0]
+    }
+}
+
+/// One compiled schema and the file it came from.
+struct Entry {
+    file: PathBuf,
+    validator: Validator,
+}
+
+/// Compiled schemas of one directory, by event type and version.
+pub struct SchemaSet {
+    by_type: HashMap<String, BTreeMap<Version, Entry>>,
+}
+
+/// How an event fared against the schema set.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Check {
+    /// It matches the schema of its type and version.
+    Valid,
+    /// Its type (or version line) has no schema.
+    Missing,
+    /// It fails; the text lists every failing location.
+    Invalid(String),
+}
+
+impl SchemaSet {
+    /// Loads and compiles every schema under `dir`.
+    ///
+    /// # Errors
+    ///
+    /// The first file that is not JSON, does not compile, or refers to a
+    /// missing file, with its path.
+    pub fn load(dir: &Path) -> anyhow::Result<SchemaSet> {
+        let mut by_type: HashMap<String, BTreeMap<Version, Entry>> = HashMap::new();
+        let entries = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read schema directory {}", dir.display()))?;
+        for entry in entries {
+            let entry =
+                entry.with_context(|| format!("cannot read schema directory {}", dir.display()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !entry.path().is_dir() || name.starts_with('_') || name.starts_with('.') {
+                continue;
+            }
+            for (version, file) in versions_in(&entry.path())? {
+                let validator = compile(dir, &file)?;
+                by_type
+                    .entry(name.clone())
+                    .or_default()
+                    .insert(version, Entry { file, validator });
+            }
+        }
+        Ok(SchemaSet { by_type })
+    }
+
+    /// The event types that have at least one schema.
+    pub fn event_types(&self) -> impl Iterator<Item = &str> {
+        self.by_type.keys().map(String::as_str)
+    }
+
+    /// Every schema file, for reports.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.by_type
+            .values()
+            .flat_map(|v| v.values().map(|e| e.file.as_path()))
+    }
+
+    fn lookup(&self, event_type: &str, version: Option<&str>) -> Option<&Entry> {
+        let versions = self.by_type.get(event_type)?;
+        let wanted = Version::parse(version.unwrap_or("1.0"))?;
+        if let Some(e) = versions.get(&wanted) {
+            return Some(e);
+        }
+        versions
+            .range(..wanted.clone())
+            .rev()
+            .find(|(v, _)| v.major() == wanted.major())
+            .map(|(_, e)| e)
+    }
+
+    /// Checks one event body.
+    pub fn check(&self, body: &Value) -> Check {
+        let event_type = body.get("event_type").and_then(Value::as_str).unwrap_or("");
+        let version = body.get("version").and_then(Value::as_str);
+        let Some(entry) = self.lookup(event_type, version) else {
+            return Check::Missing;
+        };
+        if entry.validator.is_valid(body) {
+            return Check::Valid;
+        }
+        let mut listed = Vec::new();
+        let mut total = 0;
+        for err in entry.validator.iter_errors(body) {
+            total += 1;
+            if listed.len() < MAX_LISTED {
+                let at = err.instance_path().as_str();
+                let at = if at.is_empty() { "/" } else { at };
+                listed.push(format!("{at}: {} ({})", err.kind().keyword(), err));
+            }
+        }
+        let file = entry
+            .file
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut reason = format!(
+            "event does not match schema {event_type}/{file}: {}",
+            listed.join("; ")
+        );
+        if total > listed.len() {
+            reason.push_str(&format!("; and {} more", total - listed.len()));
+        }
+        Check::Invalid(reason)
+    }
+}
+
+/// `(version, file)` for every `<version>.json` in one type's directory.
+fn versions_in(dir: &Path) -> anyhow::Result<Vec<(Version, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let path = entry
+            .with_context(|| format!("cannot read {}", dir.display()))?
+            .path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let version = Version::parse(&stem).ok_or_else(|| {
+            anyhow!(
+                "{}: schema file name must be a version such as 1.0.json",
+                path.display()
+            )
+        })?;
+        out.push((version, path));
+    }
+    Ok(out)
+}
+
+fn compile(dir: &Path, file: &Path) -> anyhow::Result<Validator> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read schema {}", file.display()))?;
+    let schema: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: schema is not JSON", file.display()))?;
+    jsonschema::options()
+        .with_draft(Draft::Draft202012)
+        .should_validate_formats(true)
+        .with_retriever(DirRetriever {
+            dir: dir.to_path_buf(),
+        })
+        .build(&schema)
+        .map_err(|e| anyhow!("{}: schema does not compile: {e}", file.display()))
+}
+
+/// Serves `$ref`s from the schema directory and nowhere else.
+struct DirRetriever {
+    dir: PathBuf,
+}
+
+impl jsonschema::Retrieve for DirRetriever {
+    fn retrieve(
+        &self,
+        uri: &jsonschema::Uri<String>,
+    ) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+        let s = uri.as_str();
+        let rel = s
+            .strip_prefix(ID_BASE)
+            .or_else(|| {
+                s.strip_prefix("file://")
+                    .and_then(|p| Path::new(p).strip_prefix(&self.dir).ok()?.to_str())
+            })
+            .ok_or_else(|| {
+                format!("reference {s} is outside the schema directory and is not fetched")
+            })?;
+        let rel = rel.split('#').next().unwrap_or(rel);
+        if rel.split('/').any(|part| part == "..") {
+            return Err(format!("reference {s} leaves the schema directory").into());
+        }
+        let path = self.dir.join(rel);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            format!(
+                "referenced schema file {} is missing or unreadable: {e}",
+                path.display()
+            )
+        })?;
+        Ok(
+            serde_json::from_str(&text)
+                .map_err(|e| format!("{}: not JSON: {e}", path.display()))?,
+        )
+    }
+}
+
+/// The pipeline stage around a [`SchemaSet`].
+pub struct SchemaTransform {
+    name: String,
+    set: SchemaSet,
+    on_missing: SchemaPolicy,
+    on_invalid: SchemaPolicy,
+}
+
+impl SchemaTransform {
+    /// Compiles every schema in `dir`.
+    ///
+    /// # Errors
+    ///
+    /// As [`SchemaSet::load`].
+    pub fn new(cfg: &SchemaTransformConfig, dir: &Path) -> anyhow::Result<Self> {
+        Ok(SchemaTransform {
+            name: cfg.name.clone(),
+            set: SchemaSet::load(dir)?,
+            on_missing: cfg.on_missing,
+            on_invalid: cfg.on_invalid,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The compiled schemas.
+    pub fn schemas(&self) -> &SchemaSet {
+        &self.set
+    }
+
+    /// Checks one event and applies the configured policy.
+    pub fn apply(&mut self, event: &mut Event) -> Verdict {
+        let body = Value::Object(std::mem::take(&mut event.body));
+        let check = self.set.check(&body);
+        if let Value::Object(map) = body {
+            event.body = map;
+        }
+        let (policy, reason) = match check {
+            Check::Valid => return Verdict::Keep,
+            Check::Missing => (
+                self.on_missing,
+                format!("no schema for event_type `{}`", event.event_type()),
+            ),
+            Check::Invalid(reason) => (self.on_invalid, reason),
+        };
+        match policy {
+            SchemaPolicy::Store => Verdict::Keep,
+            SchemaPolicy::Drop => Verdict::Drop,
+            SchemaPolicy::DeadLetter => Verdict::Reject(Rejection::new(
+                ReasonClass::Schema,
+                self.name.clone(),
+                reason,
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_compare_numerically() {
+        assert!(Version::parse("1.10") > Version::parse("1.9"));
+        assert_eq!(Version::parse("x"), None);
+    }
+}

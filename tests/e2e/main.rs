@@ -1,0 +1,6 @@
+//! End-to-end tests: the `weir` binary against the real RabbitMQ and
+//! PostgreSQL. Each test has its own database and its own queue and
+//! exchange names, so they run in parallel and twice in a row.
+
+mod audit;
+mod support;
