@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tracing::info;
 
 use crate::config::Pipeline;
+use crate::http::{ListenAddr, MetricsListener};
 use crate::metrics::Metrics;
 
 /// weir: land every domain event, checked and enriched, in a database an
@@ -22,6 +23,11 @@ pub struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "WEIR_LOG_FORMAT")]
     pub log_format: LogFormat,
+    /// Address of the HTTP listener that serves /metrics, /health and
+    /// /ready during `weir run`, e.g. 0.0.0.0:9598 to be scraped from other
+    /// hosts; `off` or empty for none; port 0 picks a free port.
+    #[arg(long, global = true, env = "WEIR_METRICS_ADDR", default_value = crate::http::DEFAULT_ADDR)]
+    pub metrics_addr: ListenAddr,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -49,6 +55,16 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
         format: ReportFormat,
     },
+    /// Run fixture events through a pipeline's transforms, offline, and
+    /// compare each outcome with what the fixture expects.
+    Test {
+        /// The pipeline file.
+        #[arg(default_value = "pipelines/audit.toml")]
+        pipeline: PathBuf,
+        /// Directory of fixture files (`*.toml`).
+        #[arg(long, default_value = "fixtures")]
+        fixtures: PathBuf,
+    },
     /// Write generated sample events as NDJSON to standard output.
     Sample {
         /// Number of lines.
@@ -74,8 +90,11 @@ pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal, never in files or journals.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -90,8 +109,11 @@ pub fn init_tracing(format: LogFormat) {
 /// Start-up failures, with their whole chain of causes.
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { pipeline } => run(pipeline).await,
-        Command::Validate { pipelines, format } => Ok(crate::validate::run(&pipelines, format)),
+        Command::Run { pipeline } => run(pipeline, cli.metrics_addr).await,
+        Command::Validate { pipelines, format } => {
+            Ok(crate::validate::run(&pipelines, format).await)
+        }
+        Command::Test { pipeline, fixtures } => test(&pipeline, &fixtures),
         Command::Sample {
             count,
             seed,
@@ -111,14 +133,47 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn run(path: PathBuf) -> anyhow::Result<ExitCode> {
+async fn run(path: PathBuf, metrics_addr: ListenAddr) -> anyhow::Result<ExitCode> {
     let pipeline = Pipeline::load(&path)?;
     info!(pipeline = %path.display(), "Pipeline loaded.");
+    // Event types get their own label once the pipeline has built its
+    // schema transforms; until then, and for types without a schema, `other`.
     let metrics = Arc::new(Metrics::new(Default::default()));
-    crate::pipeline::run(&pipeline, metrics, shutdown_signal())
-        .await
-        .with_context(|| format!("pipeline {} failed", path.display()))?;
+    let listener = match metrics_addr {
+        ListenAddr::On(addr) => Some(MetricsListener::start(addr, metrics.clone()).await?),
+        ListenAddr::Off => None,
+    };
+    let result = crate::pipeline::run(&pipeline, metrics, shutdown_signal()).await;
+    if let Some(listener) = listener {
+        listener.stop().await;
+    }
+    let summary = result.with_context(|| format!("pipeline {} failed", path.display()))?;
+    // One line for people, on standard error so standard output stays
+    // clean for the console sink.
+    eprintln!("{summary}");
     Ok(ExitCode::SUCCESS)
+}
+
+fn test(path: &std::path::Path, fixtures: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let pipeline = Pipeline::load(path)?;
+    let results = crate::fixtures::run(&pipeline, fixtures)
+        .with_context(|| format!("cannot run the fixtures of {}", path.display()))?;
+    let failed = results.iter().filter(|r| r.failure.is_some()).count();
+    for r in &results {
+        match &r.failure {
+            None => println!("ok   {}:{}: {}", r.file.display(), r.line, r.name),
+            Some(why) => println!("FAIL {}:{}: {}: {why}", r.file.display(), r.line, r.name),
+        }
+    }
+    println!(
+        "weir test: {} passed, {failed} failed",
+        results.len() - failed
+    );
+    Ok(if failed == 0 && !results.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

@@ -144,6 +144,20 @@ impl Pipeline {
                 "sink.max_events must be at least 1",
             ));
         }
+        if let SinkConfig::Sqlite(s) = &c.sink {
+            if s.path.is_some() == s.url.is_some() {
+                return Err(ConfigError::invalid(
+                    &self.path,
+                    self.line_of(
+                        "sink",
+                        0,
+                        Some(if s.url.is_some() { "url" } else { "type" }),
+                    ),
+                    "a sqlite sink needs exactly one of `path` (relative to the pipeline file) \
+                     or `url` (e.g. \"sqlite://audit.db\")",
+                ));
+            }
+        }
         if c.idempotency.key.is_empty() {
             return Err(ConfigError::invalid(
                 &self.path,
@@ -180,7 +194,9 @@ fn line_at(text: &str, offset: usize) -> usize {
         + 1
 }
 
-fn line_of(text: &str, table: &str, index: usize, key: Option<&str>) -> usize {
+/// The 1-based line where `key` is set in the `index`-th `[table]` or
+/// `[[table]]` of `text`, or that table's header line, or 1.
+pub fn line_of(text: &str, table: &str, index: usize, key: Option<&str>) -> usize {
     let headers = [format!("[{table}]"), format!("[[{table}]]")];
     let mut seen = 0;
     let mut in_table = false;
@@ -421,9 +437,10 @@ impl fmt::Display for KeySource {
 #[derive(Debug, Clone)]
 pub enum SourceConfig {
     Amqp(AmqpSourceConfig),
+    File(FileSourceConfig),
 }
 
-tagged_enum!(SourceConfig, "source", { "amqp" => Amqp });
+tagged_enum!(SourceConfig, "source", { "amqp" => Amqp, "file" => File });
 
 impl SourceConfig {
     /// The most deliveries the source hands out before they are acked, if
@@ -431,6 +448,7 @@ impl SourceConfig {
     pub fn prefetch(&self) -> Option<u16> {
         match self {
             SourceConfig::Amqp(a) => Some(a.prefetch),
+            SourceConfig::File(_) => None,
         }
     }
 }
@@ -481,6 +499,13 @@ pub struct AmqpSourceConfig {
     /// the broker.
     #[serde(default)]
     pub consumer_tag: Option<String>,
+    /// Connection name shown by `rabbitmqctl list_connections` and the
+    /// management UI. Default `"weir"`. The queue-depth probe's connection
+    /// gets the same name with `-probe` appended. Give each instance its
+    /// own, e.g. `connection_name = "weir-${HOSTNAME:-local}"`, to tell them
+    /// apart.
+    #[serde(default = "default_connection_name")]
+    pub connection_name: String,
     /// Exchanges the queue is bound to. Default: none (the queue only gets
     /// what is published to it directly).
     #[serde(default)]
@@ -534,6 +559,56 @@ pub struct DeadLetterConfig {
     /// queue as the ones weir rejects. Default `audit_dlq`.
     #[serde(default = "default_dlq_key")]
     pub routing_key: String,
+}
+
+/// NDJSON from a file, or from standard input, one event per line: weir
+/// with no broker.
+///
+/// ```toml
+/// [source]
+/// type = "file"
+/// path = "../samples/domain-events.ndjson"
+/// follow = false
+/// dead_letter = { path = "../dead-letters.ndjson" }
+/// ```
+///
+/// The input is read from its first line. Nothing is acknowledged: reading
+/// a file again is harmless, since the sink's unique key makes a second
+/// insert of an event a no-op.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct FileSourceConfig {
+    /// The NDJSON file, relative to the pipeline file, or `-` for standard
+    /// input. Required.
+    pub path: PathBuf,
+    /// Keep waiting for lines appended to the file, like `tail -f`, until
+    /// SIGINT or SIGTERM. Default false: the source ends at the end of the
+    /// file, and weir writes the last batch and exits. Standard input always
+    /// ends when its writer closes it.
+    #[serde(default)]
+    pub follow: bool,
+    /// How often a followed file is checked for new lines. Default
+    /// `"250ms"`.
+    #[serde(default = "default_poll_interval", deserialize_with = "de_duration")]
+    pub poll_interval: Duration,
+    /// Where lines that cannot be stored go. Required: weir never drops a
+    /// line silently.
+    pub dead_letter: FileDeadLetterConfig,
+}
+
+/// The file that collects a file source's dead letters: one JSON object per
+/// line with `reason`, `class`, `stage`, `line`, `source`, `key` and
+/// `body`.
+///
+/// ```toml
+/// dead_letter = { path = "../dead-letters.ndjson" }
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct FileDeadLetterConfig {
+    /// The file, relative to the pipeline file. Required. Created when
+    /// missing, appended to otherwise; weir never truncates it.
+    pub path: PathBuf,
 }
 
 /// One entry of `[[transforms]]`, chosen by `type`. Events pass through
@@ -636,9 +711,16 @@ pub struct WasmTransformConfig {
 pub enum SinkConfig {
     Postgres(PostgresSinkConfig),
     Blackhole(BlackholeSinkConfig),
+    Sqlite(SqliteSinkConfig),
+    Console(ConsoleSinkConfig),
 }
 
-tagged_enum!(SinkConfig, "sink", { "postgres" => Postgres, "blackhole" => Blackhole });
+tagged_enum!(SinkConfig, "sink", {
+    "postgres" => Postgres,
+    "blackhole" => Blackhole,
+    "sqlite" => Sqlite,
+    "console" => Console,
+});
 
 impl SinkConfig {
     /// The batch size the sink flushes at, if it batches.
@@ -656,6 +738,14 @@ impl SinkConfig {
             SinkConfig::Blackhole(b) => BatchConfig {
                 max_events: b.max_events,
                 max_wait: b.max_wait,
+            },
+            SinkConfig::Sqlite(s) => BatchConfig {
+                max_events: s.max_events,
+                max_wait: s.max_wait,
+            },
+            SinkConfig::Console(c) => BatchConfig {
+                max_events: c.max_events,
+                max_wait: c.max_wait,
             },
         }
     }
@@ -717,6 +807,64 @@ pub struct BlackholeSinkConfig {
     pub max_wait: Duration,
 }
 
+/// SQLite: rows in `audit_logs` of a database file, with the same columns,
+/// unique key and value rules as PostgreSQL. The file is created when
+/// missing, put in WAL mode, and migrated with `migrations/sqlite` at
+/// start. No server needed.
+///
+/// ```toml
+/// [sink]
+/// type = "sqlite"
+/// path = "../audit.db"
+/// max_events = 50
+/// max_wait = "20ms"
+/// ```
+///
+/// Give `path` or `url`, not both.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct SqliteSinkConfig {
+    /// The database file, relative to the pipeline file like every path in
+    /// it. Default: none.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// A SQLite URL such as `"sqlite://audit.db"`. A relative file in a URL
+    /// is relative to the current directory, as every SQLite tool reads
+    /// it. Default: none.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// As for PostgreSQL. Default 50. One transaction per batch.
+    #[serde(default = "default_max_events")]
+    pub max_events: usize,
+    /// As for PostgreSQL. Default `"20ms"`.
+    #[serde(default = "default_max_wait", deserialize_with = "de_duration")]
+    pub max_wait: Duration,
+    /// How long a write waits while another process holds the database's
+    /// lock (say, a `sqlite3` shell writing) before the batch is retried.
+    /// Default `"5s"`.
+    #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
+    pub busy_timeout: Duration,
+}
+
+/// Prints each event, after the transforms, as one line of JSON on standard
+/// output, and acknowledges everything. For piping into other tools; logs
+/// and the closing summary go to standard error.
+///
+/// ```toml
+/// [sink]
+/// type = "console"
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct ConsoleSinkConfig {
+    /// As for PostgreSQL. Default 50.
+    #[serde(default = "default_max_events")]
+    pub max_events: usize,
+    /// As for PostgreSQL. Default `"20ms"`.
+    #[serde(default = "default_max_wait", deserialize_with = "de_duration")]
+    pub max_wait: Duration,
+}
+
 fn default_schema_name() -> String {
     "schema".into()
 }
@@ -734,6 +882,9 @@ fn default_max_memory() -> u64 {
 }
 fn default_true() -> bool {
     true
+}
+fn default_connection_name() -> String {
+    "weir".to_string()
 }
 fn default_prefetch() -> u16 {
     50
@@ -761,6 +912,9 @@ fn default_pool() -> u32 {
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
+}
+fn default_poll_interval() -> Duration {
+    Duration::from_millis(250)
 }
 
 /// Deserializes a humantime duration string such as `"250ms"` or `"1h"`.
@@ -857,7 +1011,9 @@ type = "blackhole"
     #[test]
     fn minimal_pipeline_takes_defaults() -> Result<(), ConfigError> {
         let p = parse(MINIMAL)?;
-        let SourceConfig::Amqp(a) = &p.config.source;
+        let SourceConfig::Amqp(a) = &p.config.source else {
+            panic!("MINIMAL has an amqp source");
+        };
         assert_eq!(a.url, "amqp://127.0.0.1:5672/%2f");
         assert_eq!(a.prefetch, 50);
         assert!(a.durable);
@@ -900,7 +1056,9 @@ type = "blackhole"
     fn expands_environment_with_defaults_and_escapes() {
         let env = |name: &str| (name == "AMQP_URL").then(|| "amqp://a\"b".to_string());
         let p = Pipeline::parse(Path::new("p.toml"), MINIMAL, env).expect("parses");
-        let SourceConfig::Amqp(a) = &p.config.source;
+        let SourceConfig::Amqp(a) = &p.config.source else {
+            panic!("MINIMAL has an amqp source");
+        };
         assert_eq!(a.url, "amqp://a\"b");
     }
 
@@ -933,5 +1091,71 @@ type = "blackhole"
         );
         let bad = format!("{MINIMAL}\n[idempotency]\nkey = [\"correlation\"]\n");
         assert!(parse(&bad).is_err());
+    }
+    const LOCAL: &str = r#"
+[source]
+type = "file"
+path = "events.ndjson"
+dead_letter = { path = "dead.ndjson" }
+
+[sink]
+type = "sqlite"
+path = "audit.db"
+max_events = 500
+"#;
+
+    #[test]
+    fn file_source_and_sqlite_sink_take_defaults_and_have_no_prefetch() {
+        let p = parse(LOCAL).expect("parses");
+        let SourceConfig::File(f) = &p.config.source else {
+            panic!("LOCAL has a file source");
+        };
+        assert_eq!(f.path, Path::new("events.ndjson"));
+        assert!(!f.follow);
+        assert_eq!(f.poll_interval, Duration::from_millis(250));
+        assert_eq!(f.dead_letter.path, Path::new("dead.ndjson"));
+        assert_eq!(p.config.source.prefetch(), None);
+        let SinkConfig::Sqlite(s) = &p.config.sink else {
+            panic!("LOCAL has a sqlite sink");
+        };
+        assert_eq!(s.path.as_deref(), Some(Path::new("audit.db")));
+        assert_eq!(s.url, None);
+        assert_eq!(s.busy_timeout, Duration::from_secs(5));
+        assert_eq!(p.config.sink.max_events(), Some(500));
+    }
+
+    #[test]
+    fn file_source_requires_a_dead_letter_file() {
+        let text = LOCAL.replace("dead_letter = { path = \"dead.ndjson\" }\n", "");
+        let err = parse(&text).expect_err("no dead_letter").to_string();
+        assert!(err.contains("dead_letter"), "{err}");
+    }
+
+    #[test]
+    fn sqlite_sink_needs_exactly_one_of_path_and_url() {
+        let both = LOCAL.replace(
+            "path = \"audit.db\"",
+            "path = \"a.db\"\nurl = \"sqlite://a.db\"",
+        );
+        let err = parse(&both).expect_err("path and url").to_string();
+        assert!(err.starts_with("p.toml:10: "), "{err}");
+        assert!(err.contains("exactly one of `path`"), "{err}");
+        let neither = LOCAL.replace("path = \"audit.db\"\n", "");
+        assert!(parse(&neither).is_err());
+        let url = LOCAL.replace("path = \"audit.db\"", "url = \"sqlite://audit.db\"");
+        assert!(parse(&url).is_ok());
+    }
+
+    #[test]
+    fn console_sink_parses_and_refuses_unknown_keys() {
+        let text = LOCAL.replace(
+            "type = \"sqlite\"\npath = \"audit.db\"\nmax_events = 500",
+            "type = \"console\"",
+        );
+        let p = parse(&text).expect("parses");
+        assert!(matches!(p.config.sink, SinkConfig::Console(_)));
+        let bad = format!("{text}colour = true\n");
+        let err = parse(&bad).expect_err("unknown key").to_string();
+        assert!(err.contains("colour"), "{err}");
     }
 }

@@ -14,10 +14,13 @@
 //! - [`pipeline`]: the only module that knows the order of the stages, and
 //!   the delivery rules (ack after commit, dead-letter with a reason).
 //! - [`metrics`]: what an operator can scrape.
+//! - [`http`]: the listener serving `/metrics`, `/health` and `/ready`.
 
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod fixtures;
+pub mod http;
 pub mod metrics;
 pub mod pipeline;
 pub mod sample;

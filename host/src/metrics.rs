@@ -10,15 +10,21 @@
 //! The audit service's historical names are kept so existing dashboards keep
 //! working: `audit_events_consumed_total{event_type,status}` and
 //! `audit_processing_duration_seconds`.
+//!
+//! Readiness is the conjunction of two flags, `broker` (connected and
+//! consuming; [`Metrics::set_ready`]) and `sink` (its last write went through
+//! or none failed yet; [`Metrics::set_sink_ready`]). Whoever notices a
+//! connection drop or its return flips its flag; `/ready` in [`crate::http`]
+//! and the `weir_ready` gauge read both.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tracing::warn;
 
@@ -27,18 +33,28 @@ use crate::event::{ReasonClass, Rejection};
 /// Every metric weir exposes, registered in one registry.
 pub struct Metrics {
     registry: Registry,
-    known_types: HashSet<String>,
+    /// Event types that get a label of their own: those with a schema,
+    /// added by the pipeline once its transforms are built.
+    known_types: RwLock<HashSet<String>>,
     consumed: IntCounterVec,
     processing: Histogram,
     dead_letters: IntCounterVec,
     duplicates: IntCounter,
     stage_seconds: HistogramVec,
+    stage_events: IntCounterVec,
+    plugin_seconds: HistogramVec,
     batch_size: Histogram,
     commit_seconds: Histogram,
     retries: IntCounterVec,
     reconnects: IntCounterVec,
     schema_missing: IntCounter,
+    queue_depth: IntGaugeVec,
+    /// `weir_up{target}`: 1 while that connection is usable.
+    up: IntGaugeVec,
+    /// `weir_ready`: both `up` flags; recomputed under `ready_lock` so a
+    /// concurrent flip of the other flag is never lost.
     ready: IntGauge,
+    ready_lock: Mutex<()>,
     dead_letter_log: RateLimit,
     duplicate_log: RateLimit,
 }
@@ -63,6 +79,32 @@ impl Status {
     }
 }
 
+/// What one stage did with one event, in
+/// `weir_stage_events_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StageOutcome {
+    /// Passed on (for the sink: stored, or already there).
+    Ok,
+    /// Dropped on purpose and acknowledged.
+    Dropped,
+    /// Rejected: the event goes to the dead-letter queue.
+    Rejected,
+}
+
+impl StageOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            StageOutcome::Ok => "ok",
+            StageOutcome::Dropped => "dropped",
+            StageOutcome::Rejected => "rejected",
+        }
+    }
+}
+
+/// The connections `/ready` depends on.
+const BROKER: &str = "broker";
+const SINK: &str = "sink";
+
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric names are valid");
     r.register(Box::new(c.clone()))
@@ -75,6 +117,27 @@ fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
     r.register(Box::new(c.clone()))
         .expect("metric registered once");
     c
+}
+
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("metric names are valid");
+    r.register(Box::new(h.clone()))
+        .expect("metric registered once");
+    h
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric names are valid");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
@@ -97,17 +160,6 @@ impl Metrics {
     /// label of their own.
     pub fn new(known_types: HashSet<String>) -> Metrics {
         let r = Registry::new();
-        let stage_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "weir_stage_duration_seconds",
-                "Time one event spends in one stage (decode, each transform, sink per event).",
-            )
-            .buckets(latency_buckets()),
-            &["stage"],
-        )
-        .expect("metric names are valid");
-        r.register(Box::new(stage_seconds.clone()))
-            .expect("metric registered once");
         let ready = IntGauge::new(
             "weir_ready",
             "1 while connected to broker and database and consuming.",
@@ -115,6 +167,21 @@ impl Metrics {
         .expect("metric names are valid");
         r.register(Box::new(ready.clone()))
             .expect("metric registered once");
+        let build = gauge_vec(
+            &r,
+            "weir_build_info",
+            "Always 1; the running version.",
+            &["version"],
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let up = gauge_vec(
+            &r,
+            "weir_up",
+            "1 while the connection to this target is usable (broker: connected and consuming).",
+            &["target"],
+        );
+        up.with_label_values(&[BROKER]).set(0);
+        up.with_label_values(&[SINK]).set(1);
         Metrics {
             consumed: counter_vec(
                 &r,
@@ -139,7 +206,27 @@ impl Metrics {
                 "weir_duplicates_skipped_total",
                 "Events whose idempotency key was already stored.",
             ),
-            stage_seconds,
+            stage_seconds: histogram_vec(
+                &r,
+                "weir_stage_duration_seconds",
+                "Time one event spends in one stage: source (decoding), each transform by \
+                 name, sink (the write of its batch).",
+                &["stage"],
+                latency_buckets(),
+            ),
+            stage_events: counter_vec(
+                &r,
+                "weir_stage_events_total",
+                "Events leaving each stage, by outcome (ok, dropped, rejected).",
+                &["stage", "outcome"],
+            ),
+            plugin_seconds: histogram_vec(
+                &r,
+                "weir_plugin_duration_seconds",
+                "Time of one WASM plugin call, by plugin (stage name).",
+                &["plugin"],
+                latency_buckets(),
+            ),
             batch_size: histogram(
                 &r,
                 "weir_batch_size_events",
@@ -169,9 +256,18 @@ impl Metrics {
                 "weir_schema_missing_total",
                 "Events whose event_type has no schema.",
             ),
+            queue_depth: gauge_vec(
+                &r,
+                "weir_queue_depth_messages",
+                "Messages ready in a queue (the consumed one and the dead-letter one), \
+                 refreshed every few seconds.",
+                &["queue"],
+            ),
+            up,
             ready,
+            ready_lock: Mutex::new(()),
             registry: r,
-            known_types,
+            known_types: RwLock::new(known_types),
             dead_letter_log: RateLimit::new(10, Duration::from_secs(10)),
             duplicate_log: RateLimit::new(10, Duration::from_secs(10)),
         }
@@ -190,8 +286,20 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 
+    /// Gives these event types a label of their own. Call it with the
+    /// types that have a schema; every other type is counted as `other`.
+    pub fn add_event_types<I, S>(&self, types: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let mut known = self.known_types.write().unwrap_or_else(|p| p.into_inner());
+        known.extend(types.into_iter().map(Into::into));
+    }
+
     fn type_label<'a>(&self, event_type: &'a str) -> &'a str {
-        if self.known_types.contains(event_type) {
+        let known = self.known_types.read().unwrap_or_else(|p| p.into_inner());
+        if known.contains(event_type) {
             event_type
         } else {
             "other"
@@ -240,11 +348,29 @@ impl Metrics {
         }
     }
 
-    /// Time spent in one stage for one event.
-    pub fn stage(&self, stage: &str, took: Duration) {
+    /// One event left one stage after `took`. `stage` is `source`, a
+    /// transform's name from the pipeline file, or `sink`.
+    pub fn stage(&self, stage: &str, outcome: StageOutcome, took: Duration) {
         self.stage_seconds
             .with_label_values(&[stage])
             .observe(took.as_secs_f64());
+        self.stage_events
+            .with_label_values(&[stage, outcome.as_str()])
+            .inc();
+    }
+
+    /// One WASM plugin call took `took`.
+    pub fn plugin(&self, plugin: &str, took: Duration) {
+        self.plugin_seconds
+            .with_label_values(&[plugin])
+            .observe(took.as_secs_f64());
+    }
+
+    /// The broker says `queue` holds `messages` ready messages.
+    pub fn set_queue_depth(&self, queue: &str, messages: u32) {
+        self.queue_depth
+            .with_label_values(&[queue])
+            .set(i64::from(messages));
     }
 
     /// A batch was committed.
@@ -268,19 +394,63 @@ impl Metrics {
         self.schema_missing.inc();
     }
 
-    /// Whether the pipeline is connected and consuming.
+    /// Whether the source is connected to the broker and consuming. The
+    /// pipeline says true once it consumes and false when it stops; a
+    /// source that loses its connection says false, and true again once it
+    /// consumes on a new one. Cheap when nothing changes, so it may be
+    /// called once per delivery.
     pub fn set_ready(&self, ready: bool) {
-        self.ready.set(i64::from(ready));
+        self.set_up(BROKER, ready);
     }
 
-    /// Whether [`Metrics::set_ready`] last said ready.
+    /// Whether the sink can write: false after a write failed for the whole
+    /// batch (database unreachable), true again once one went through.
+    pub fn set_sink_ready(&self, ready: bool) {
+        self.set_up(SINK, ready);
+    }
+
+    fn set_up(&self, target: &str, up: bool) {
+        let gauge = self.up.with_label_values(&[target]);
+        if gauge.get() == i64::from(up) {
+            return;
+        }
+        let _guard = self.ready_lock.lock().unwrap_or_else(|p| p.into_inner());
+        gauge.set(i64::from(up));
+        self.ready.set(i64::from(self.readiness().is_ready()));
+    }
+
+    /// Which of the connections `/ready` depends on are up.
+    pub fn readiness(&self) -> Readiness {
+        Readiness {
+            broker: self.up.with_label_values(&[BROKER]).get() == 1,
+            sink: self.up.with_label_values(&[SINK]).get() == 1,
+        }
+    }
+
+    /// Whether weir is connected to broker and sink and consuming.
     pub fn is_ready(&self) -> bool {
-        self.ready.get() == 1
+        self.readiness().is_ready()
     }
 
     /// The label a reason class gets.
     pub fn class_label(class: ReasonClass) -> &'static str {
         class.as_str()
+    }
+}
+
+/// The parts of readiness, for `/ready`'s answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    /// Connected to the broker and consuming.
+    pub broker: bool,
+    /// The sink's last write went through.
+    pub sink: bool,
+}
+
+impl Readiness {
+    /// Both parts are up.
+    pub fn is_ready(self) -> bool {
+        self.broker && self.sink
     }
 }
 
@@ -340,11 +510,75 @@ mod tests {
     }
 
     #[test]
+    fn event_types_added_later_get_their_own_label() {
+        let m = Metrics::new(HashSet::new());
+        m.add_event_types(["order.created"]);
+        m.finished("order.created", Status::Duplicate, Instant::now());
+        let text = m.render();
+        assert!(
+            text.contains(
+                r#"audit_events_consumed_total{event_type="order.created",status="duplicate"} 1"#
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn ready_needs_both_broker_and_sink() {
+        let m = Metrics::new(HashSet::new());
+        assert!(!m.is_ready(), "not ready before the pipeline consumes");
+        m.set_ready(true);
+        assert!(m.is_ready());
+        m.set_sink_ready(false);
+        assert!(!m.is_ready());
+        assert!(m.render().contains("weir_ready 0"));
+        m.set_sink_ready(true);
+        assert!(m.render().contains("weir_ready 1"));
+        m.set_ready(false);
+        assert_eq!(
+            m.readiness(),
+            Readiness {
+                broker: false,
+                sink: true
+            }
+        );
+        assert!(m.render().contains(r#"weir_up{target="broker"} 0"#));
+    }
+
+    #[test]
+    fn stage_plugin_and_queue_metrics_are_rendered() {
+        let m = Metrics::new(HashSet::new());
+        m.stage("validate", StageOutcome::Rejected, Duration::from_millis(2));
+        m.plugin("validate", Duration::from_millis(2));
+        m.set_queue_depth("audit_service_queue", 7);
+        let text = m.render();
+        for want in [
+            r#"weir_stage_events_total{outcome="rejected",stage="validate"} 1"#,
+            r#"weir_stage_duration_seconds_count{stage="validate"} 1"#,
+            r#"weir_plugin_duration_seconds_count{plugin="validate"} 1"#,
+            r#"weir_queue_depth_messages{queue="audit_service_queue"} 7"#,
+            "weir_build_info{version=",
+        ] {
+            assert!(text.contains(want), "{want} missing from:\n{text}");
+        }
+    }
+
+    #[test]
     fn rate_limit_holds_back_past_the_burst() {
         let r = RateLimit::new(2, Duration::from_secs(60));
         assert_eq!(r.admit(), Some(0));
         assert_eq!(r.admit(), Some(0));
         assert_eq!(r.admit(), None);
         assert_eq!(r.admit(), None);
+    }
+
+    #[test]
+    fn rate_limit_reports_what_it_held_back_in_the_next_window() {
+        let r = RateLimit::new(1, Duration::from_millis(20));
+        assert_eq!(r.admit(), Some(0));
+        assert_eq!(r.admit(), None);
+        assert_eq!(r.admit(), None);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(r.admit(), Some(2));
     }
 }

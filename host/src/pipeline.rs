@@ -23,11 +23,13 @@ use tracing::{error, info, instrument, trace, warn};
 
 use crate::config::{BatchConfig, KeySource, Pipeline, SourceConfig};
 use crate::event::{Event, Rejection};
-use crate::metrics::{Metrics, Status};
+use crate::metrics::{Metrics, StageOutcome, Status};
 use crate::sinks::{RowOutcome, Sink, SinkError};
 use crate::sources::amqp::AmqpSource;
+use crate::sources::file::FileSource;
+use crate::sources::queue_depth::QueueDepthProbe;
 use crate::sources::{Source, SourceError};
-use crate::transforms::{Chain, Verdict};
+use crate::transforms::{Chain, Transform, Verdict};
 
 /// Why a pipeline stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +53,18 @@ pub struct Summary {
     pub dropped: u64,
 }
 
+/// The closing line of `weir run`:
+/// `stored N, duplicates skipped N, dead-lettered N, dropped N`.
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "stored {}, duplicates skipped {}, dead-lettered {}, dropped {}",
+            self.stored, self.duplicates, self.dead_lettered, self.dropped
+        )
+    }
+}
+
 /// Runs a pipeline until `shutdown` resolves or the source ends.
 ///
 /// # Errors
@@ -62,14 +76,39 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Summary, PipelineError> {
     let chain = Chain::build(pipeline)?;
+    metrics.add_event_types(chain.event_types());
     let sink_cfg = &pipeline.config.sink;
-    let sink = Sink::connect(sink_cfg)
+    let sink = Sink::connect(sink_cfg, &pipeline.base_dir)
         .await
         .map_err(|e| PipelineError::Sink(sink_name(sink_cfg), e))?;
-    let source = match &pipeline.config.source {
-        SourceConfig::Amqp(cfg) => AmqpSource::connect(cfg).await.map_err(SourceError::from)?,
+    match &pipeline.config.source {
+        SourceConfig::Amqp(cfg) => {
+            let source = AmqpSource::connect(cfg).await.map_err(SourceError::from)?;
+            drive(pipeline, source, chain, sink, metrics, shutdown).await
+        }
+        SourceConfig::File(cfg) => {
+            let source = FileSource::open(cfg, &pipeline.base_dir).map_err(SourceError::from)?;
+            drive(pipeline, source, chain, sink, metrics, shutdown).await
+        }
+    }
+}
+
+/// Runs a pipeline whose source and sink are open, whatever the source.
+async fn drive<S: Source>(
+    pipeline: &Pipeline,
+    source: S,
+    chain: Chain,
+    sink: Sink,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Summary, PipelineError> {
+    let sink_cfg = &pipeline.config.sink;
+    let _depth_probe = match &pipeline.config.source {
+        SourceConfig::Amqp(cfg) => Some(QueueDepthProbe::spawn(cfg, metrics.clone())),
+        _ => None,
     };
     info!(pipeline = %pipeline.path.display(), transforms = chain.stages().len(), "Pipeline started.");
+    metrics.set_sink_ready(true);
     metrics.set_ready(true);
     let mut runner = Runner {
         source,
@@ -101,6 +140,8 @@ fn sink_name(cfg: &crate::config::SinkConfig) -> &'static str {
     match cfg {
         crate::config::SinkConfig::Postgres(_) => "postgres",
         crate::config::SinkConfig::Blackhole(_) => "blackhole",
+        crate::config::SinkConfig::Sqlite(_) => "sqlite",
+        crate::config::SinkConfig::Console(_) => "console",
     }
 }
 
@@ -154,8 +195,12 @@ impl<S: Source> Runner<S> {
                     self.flush().await?;
                 }
                 next = self.source.next() => match next {
-                    Some(Ok(d)) => self.handle(d).await?,
+                    Some(Ok(d)) => {
+                        self.metrics.set_ready(true);
+                        self.handle(d).await?;
+                    }
                     Some(Err(e)) => {
+                        self.metrics.set_ready(false);
                         error!(error = %e, "Source failed.");
                         return Err(e.into());
                     }
@@ -166,7 +211,10 @@ impl<S: Source> Runner<S> {
                 },
             }
         }
-        self.flush().await
+        let open = self.batch.events.len();
+        self.flush().await?;
+        info!(events = open, "Open batch flushed.");
+        Ok(())
     }
 
     #[instrument(level = "trace", skip_all)]
@@ -174,16 +222,26 @@ impl<S: Source> Runner<S> {
         let received = Instant::now();
         self.summary.received += 1;
         let decoded = Event::decode(S::message(&delivery), &self.key);
-        self.metrics.stage("decode", received.elapsed());
+        let outcome = match decoded {
+            Ok(_) => StageOutcome::Ok,
+            Err(_) => StageOutcome::Rejected,
+        };
+        self.metrics.stage("source", outcome, received.elapsed());
         let mut event = match decoded {
             Ok(e) => e,
             Err(why) => return self.dead_letter(&delivery, "", None, &why, received).await,
         };
         trace!(key = %event.key, event_type = %event.event_type(), "Event decoded.");
 
-        let started = Instant::now();
-        let verdict = self.chain.apply(&mut event);
-        self.metrics.stage("transforms", started.elapsed());
+        let metrics = &self.metrics;
+        let verdict = self
+            .chain
+            .apply_observed(&mut event, |stage, took, verdict| {
+                metrics.stage(stage.name(), stage_outcome(verdict), took);
+                if let Transform::Wasm(_) = stage {
+                    metrics.plugin(stage.name(), took);
+                }
+            });
         match verdict {
             Verdict::Keep => {
                 if self.batch.events.is_empty() {
@@ -230,13 +288,31 @@ impl<S: Source> Runner<S> {
                 Err(e) if e.is_transient() => {
                     let wait = backoff.next_delay();
                     warn!(sink = self.sink.name(), error = %e, retry_in = ?wait, "Sink write failed; retrying.");
+                    self.metrics.set_sink_ready(false);
                     self.metrics.retry(self.sink.name());
                     tokio::time::sleep(wait).await;
                 }
                 Err(e) => return Err(PipelineError::Sink(self.sink.name(), e)),
             }
         };
-        self.metrics.committed(events.len(), started.elapsed());
+        let took = started.elapsed();
+        self.metrics.committed(events.len(), took);
+        if backoff.attempts > 0 {
+            info!(
+                sink = self.sink.name(),
+                attempts = backoff.attempts,
+                "Sink write went through again."
+            );
+            self.metrics.reconnect("sink");
+        }
+        self.metrics.set_sink_ready(true);
+        for outcome in &report {
+            let outcome = match outcome {
+                RowOutcome::Refused(_) => StageOutcome::Rejected,
+                RowOutcome::Stored | RowOutcome::Duplicate => StageOutcome::Ok,
+            };
+            self.metrics.stage("sink", outcome, took);
+        }
 
         for ((event, p), outcome) in events.iter().zip(&pending).zip(report) {
             let event_type = event.event_type();
@@ -299,6 +375,14 @@ impl<S: Source> Runner<S> {
     }
 }
 
+fn stage_outcome(verdict: &Verdict) -> StageOutcome {
+    match verdict {
+        Verdict::Keep => StageOutcome::Ok,
+        Verdict::Drop => StageOutcome::Dropped,
+        Verdict::Reject(_) => StageOutcome::Rejected,
+    }
+}
+
 fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
 }
@@ -348,6 +432,21 @@ fn jitter_fraction() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn summary_reads_as_one_line() {
+        let s = Summary {
+            received: 9,
+            stored: 5,
+            duplicates: 2,
+            dead_lettered: 1,
+            dropped: 1,
+        };
+        assert_eq!(
+            s.to_string(),
+            "stored 5, duplicates skipped 2, dead-lettered 1, dropped 1"
+        );
+    }
 
     #[test]
     fn backoff_grows_and_stays_within_bounds() {

@@ -12,7 +12,9 @@ const ROWS_LIMIT: Duration = Duration::from_secs(60);
 
 async fn store_file_twice(text: &str, test: &str) -> Result {
     let env = TestEnv::new(test).await?;
-    let path = env.write_pipeline(&env.pipeline_text("", "", ""))?;
+    // The schema check is on, as in audit.toml: every sample event passes.
+    let schema = schema_transform("dead_letter", "dead_letter");
+    let path = env.write_pipeline(&env.pipeline_text("", "", &schema))?;
     let weir = env.spawn(&path)?;
     weir.wait_started(Duration::from_secs(30)).await?;
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();

@@ -3,4 +3,5 @@
 //! exchange names, so they run in parallel and twice in a row.
 
 mod audit;
+mod schemas;
 mod support;

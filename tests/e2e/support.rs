@@ -407,6 +407,30 @@ fn with_database(url: &str, db: &str) -> String {
     }
 }
 
+/// A `[[transforms]]` table for the project's schemas with the given
+/// policies.
+pub fn schema_transform(on_missing: &str, on_invalid: &str) -> String {
+    format!(
+        "[[transforms]]\ntype = \"schema\"\ndir = \"{}\"\non_missing = \"{on_missing}\"\non_invalid = \"{on_invalid}\"\n",
+        project_root().join("schemas").display()
+    )
+}
+
+/// Runs the `weir` binary to completion with `args`, returning its exit
+/// status, standard output and standard error.
+pub fn weir_cmd(args: &[&str]) -> Result<(std::process::ExitStatus, String, String)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(args)
+        .current_dir(project_root())
+        .stdin(Stdio::null())
+        .output()?;
+    Ok((
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
 /// Lines of the project's own sample file.
 pub fn own_sample() -> Result<String> {
     Ok(std::fs::read_to_string(

@@ -1,19 +1,29 @@
 //! Sinks: where events end up.
 //!
 //! - [`postgres`]: rows in `audit_logs`, batched and idempotent.
+//! - [`sqlite`]: the same table in a SQLite file, with no server.
+//! - [`console`]: each event as a line of JSON on standard output.
 //! - `blackhole`: counts and acknowledges, stores nothing; for measuring
 //!   the rest of a pipeline.
+//!
+//! [`row`] holds what the databases share: an event's row and its value
+//! rules, and [`RowOutcome`].
 //!
 //! A sink writes a batch and reports, per event, whether it was stored, was
 //! already there, or was refused for its content. The pipeline acknowledges
 //! and dead-letters accordingly.
 
+pub mod console;
 pub mod postgres;
+pub mod row;
+pub mod sqlite;
+
+use std::path::Path;
 
 use crate::config::SinkConfig;
 use crate::event::Event;
 
-pub use postgres::RowOutcome;
+pub use row::RowOutcome;
 
 /// A sink error for a whole batch.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +31,10 @@ pub use postgres::RowOutcome;
 pub enum SinkError {
     #[error(transparent)]
     Postgres(#[from] postgres::PostgresError),
+    #[error(transparent)]
+    Sqlite(#[from] sqlite::SqliteError),
+    #[error(transparent)]
+    Console(#[from] console::ConsoleError),
 }
 
 impl SinkError {
@@ -28,6 +42,8 @@ impl SinkError {
     pub fn is_transient(&self) -> bool {
         match self {
             SinkError::Postgres(e) => e.is_transient(),
+            SinkError::Sqlite(e) => e.is_transient(),
+            SinkError::Console(e) => e.is_transient(),
         }
     }
 }
@@ -35,18 +51,23 @@ impl SinkError {
 /// A connected sink.
 pub enum Sink {
     Postgres(postgres::PostgresSink),
+    Sqlite(sqlite::SqliteSink),
+    Console,
     Blackhole,
 }
 
 impl Sink {
-    /// Connects the sink a pipeline names.
+    /// Connects the sink a pipeline names. Relative paths in `cfg` are
+    /// resolved against `base_dir`, the pipeline file's directory.
     ///
     /// # Errors
     ///
     /// When the sink's server cannot be reached or prepared.
-    pub async fn connect(cfg: &SinkConfig) -> Result<Sink, SinkError> {
+    pub async fn connect(cfg: &SinkConfig, base_dir: &Path) -> Result<Sink, SinkError> {
         Ok(match cfg {
             SinkConfig::Postgres(p) => Sink::Postgres(postgres::PostgresSink::connect(p).await?),
+            SinkConfig::Sqlite(s) => Sink::Sqlite(sqlite::SqliteSink::connect(s, base_dir).await?),
+            SinkConfig::Console(_) => Sink::Console,
             SinkConfig::Blackhole(_) => Sink::Blackhole,
         })
     }
@@ -55,6 +76,8 @@ impl Sink {
     pub fn name(&self) -> &'static str {
         match self {
             Sink::Postgres(_) => "postgres",
+            Sink::Sqlite(_) => "sqlite",
+            Sink::Console => "console",
             Sink::Blackhole => "blackhole",
         }
     }
@@ -67,14 +90,18 @@ impl Sink {
     pub async fn write(&self, events: &[Event]) -> Result<Vec<RowOutcome>, SinkError> {
         match self {
             Sink::Postgres(p) => Ok(p.write(events).await?),
+            Sink::Sqlite(s) => Ok(s.write(events).await?),
+            Sink::Console => Ok(console::write(events)?),
             Sink::Blackhole => Ok(vec![RowOutcome::Stored; events.len()]),
         }
     }
 
     /// Flushes and closes connections.
     pub async fn close(self) {
-        if let Sink::Postgres(p) = self {
-            p.close().await;
+        match self {
+            Sink::Postgres(p) => p.close().await,
+            Sink::Sqlite(s) => s.close().await,
+            Sink::Console | Sink::Blackhole => {}
         }
     }
 }

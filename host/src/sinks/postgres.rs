@@ -20,18 +20,16 @@
 //! refuses with a data or constraint error is split until the refused rows
 //! are found; those are dead-lettered with the database's message.
 
-use std::borrow::Cow;
-use std::net::IpAddr;
-use std::sync::LazyLock;
-
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::types::Json;
 use tracing::{debug, info};
 
 use crate::config::{redact_url as redact, PostgresSinkConfig};
 use crate::event::{Event, ReasonClass, Rejection};
+
+pub use super::row::{Row, RowOutcome};
 
 /// The statement every batch runs.
 const INSERT: &str = "\
@@ -43,6 +41,11 @@ SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[]
     $12::timestamptz[], $13::text[], $14::text[], $15::bytea[], $16::text[]) \
 ON CONFLICT (event_id) DO NOTHING \
 RETURNING event_id";
+
+/// The migrations built into this binary, from `migrations/postgres`.
+pub fn migrator() -> sqlx::migrate::Migrator {
+    sqlx::migrate!("../migrations/postgres")
+}
 
 /// A sink error that concerns the whole batch.
 #[derive(Debug, thiserror::Error)]
@@ -89,17 +92,6 @@ fn is_row_error(e: &sqlx::Error) -> bool {
     }
 }
 
-/// What became of one event of a batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RowOutcome {
-    /// A new row was committed.
-    Stored,
-    /// Its key was already stored (or came earlier in the same batch).
-    Duplicate,
-    /// The database refused the row for its content.
-    Refused(Rejection),
-}
-
 /// A connected PostgreSQL sink.
 pub struct PostgresSink {
     pool: PgPool,
@@ -125,7 +117,7 @@ impl PostgresSink {
             .map_err(connect_err)?;
         info!(url = %redact(&cfg.url), "Connected to PostgreSQL.");
         if cfg.migrate {
-            sqlx::migrate!("../migrations/postgres")
+            migrator()
                 .run(&pool)
                 .await
                 .map_err(PostgresError::Migrate)?;
@@ -234,124 +226,6 @@ fn refusal(e: &PostgresError) -> Rejection {
     Rejection::new(ReasonClass::Database, "postgres", detail)
 }
 
-/// One event's column values. Borrows from the event unless a value had to
-/// be changed to fit.
-#[derive(Debug)]
-pub struct Row<'a> {
-    pub event_id: Cow<'a, str>,
-    pub event_type: Cow<'a, str>,
-    pub service: Cow<'a, str>,
-    pub version: Cow<'a, str>,
-    pub payload: Cow<'a, Value>,
-    pub metadata: Cow<'a, Value>,
-    pub organization_id: Option<Cow<'a, str>>,
-    pub user_id: Option<Cow<'a, str>>,
-    pub ip_address: Option<String>,
-    pub user_agent: Option<Cow<'a, str>>,
-    pub correlation_id: Option<Cow<'a, str>>,
-    pub occurred_at: Option<DateTime<Utc>>,
-    pub exchange: &'a str,
-    pub routing_key: &'a str,
-    pub raw_body: Option<Vec<u8>>,
-    pub anomalies: Option<String>,
-}
-
-static EMPTY_OBJECT: LazyLock<Value> = LazyLock::new(|| Value::Object(Map::new()));
-
-impl<'a> Row<'a> {
-    /// Maps an event to its row, applying the rules of this module's docs.
-    pub fn from_event(e: &'a Event) -> Row<'a> {
-        let body = &e.body;
-        let payload = body.get("payload").unwrap_or(&EMPTY_OBJECT);
-        let metadata = body
-            .get("metadata")
-            .filter(|m| m.is_object())
-            .unwrap_or(&EMPTY_OBJECT);
-        let mut anomalies = Vec::new();
-        let occurred_at = parse_timestamp(body.get("timestamp"), &mut anomalies);
-        let ip_address = parse_ip(metadata.get("ip_address"), &mut anomalies);
-        let nul = contains_nul_map(body);
-        if nul {
-            anomalies.push("nul_replaced");
-        }
-
-        let text = |v: Option<&'a Value>| -> Option<Cow<'a, str>> {
-            match v? {
-                Value::String(s) => Some(clean_str(s, nul)),
-                Value::Number(n) => Some(Cow::Owned(n.to_string())),
-                _ => None,
-            }
-        };
-        let json = |v: &'a Value| {
-            if nul {
-                Cow::Owned(clean_value(v))
-            } else {
-                Cow::Borrowed(v)
-            }
-        };
-        let mut row = Row {
-            event_id: clean_str(&e.key, nul),
-            event_type: text(body.get("event_type")).unwrap_or_default(),
-            service: text(body.get("service")).unwrap_or_default(),
-            version: text(body.get("version")).unwrap_or(Cow::Borrowed("1.0")),
-            payload: json(payload),
-            metadata: json(metadata),
-            organization_id: text(payload.get("organization_id"))
-                .or_else(|| text(metadata.get("organization_id"))),
-            user_id: text(metadata.get("user_id")).or_else(|| text(payload.get("user_id"))),
-            ip_address,
-            user_agent: text(metadata.get("user_agent")),
-            correlation_id: text(metadata.get("correlation_id")),
-            occurred_at,
-            exchange: &e.exchange,
-            routing_key: &e.routing_key,
-            raw_body: None,
-            anomalies: None,
-        };
-        if !anomalies.is_empty() {
-            row.raw_body = Some(serde_json::to_vec(body).unwrap_or_default());
-            row.anomalies = Some(anomalies.join(","));
-        }
-        row
-    }
-}
-
-fn parse_timestamp(v: Option<&Value>, anomalies: &mut Vec<&'static str>) -> Option<DateTime<Utc>> {
-    match v {
-        None | Some(Value::Null) => None,
-        Some(v) => {
-            let parsed = v
-                .as_str()
-                .and_then(|s| DateTime::parse_from_rfc3339(s).ok());
-            if parsed.is_none() {
-                anomalies.push("timestamp_unparseable");
-            }
-            parsed.map(|t| t.with_timezone(&Utc))
-        }
-    }
-}
-
-fn parse_ip(v: Option<&Value>, anomalies: &mut Vec<&'static str>) -> Option<String> {
-    match v {
-        None | Some(Value::Null) => None,
-        Some(v) => {
-            let parsed = v.as_str().and_then(|s| s.parse::<IpAddr>().ok());
-            if parsed.is_none() {
-                anomalies.push("ip_address_invalid");
-            }
-            parsed.map(|ip| ip.to_string())
-        }
-    }
-}
-
-fn clean_str(s: &str, nul: bool) -> Cow<'_, str> {
-    if nul && s.contains('\0') {
-        Cow::Owned(s.replace('\0', "\u{FFFD}"))
-    } else {
-        Cow::Borrowed(s)
-    }
-}
-
 /// Column arrays for one insert, borrowing from the rows.
 struct Columns<'r> {
     event_id: Vec<&'r str>,
@@ -393,31 +267,4 @@ impl<'r> Columns<'r> {
             anomalies: rows.iter().map(|r| r.anomalies.as_deref()).collect(),
         }
     }
-}
-
-/// The value with every NUL in strings and keys replaced by U+FFFD.
-fn clean_value(v: &Value) -> Value {
-    match v {
-        Value::String(s) if s.contains('\0') => Value::String(s.replace('\0', "\u{FFFD}")),
-        Value::Array(items) => Value::Array(items.iter().map(clean_value).collect()),
-        Value::Object(m) => Value::Object(
-            m.iter()
-                .map(|(k, v)| (k.replace('\0', "\u{FFFD}"), clean_value(v)))
-                .collect(),
-        ),
-        other => other.clone(),
-    }
-}
-
-fn contains_nul(v: &Value) -> bool {
-    match v {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(contains_nul),
-        Value::Object(m) => contains_nul_map(m),
-        _ => false,
-    }
-}
-
-fn contains_nul_map(m: &Map<String, Value>) -> bool {
-    m.iter().any(|(k, v)| k.contains('\0') || contains_nul(v))
 }

@@ -105,7 +105,8 @@ impl AmqpSource {
     /// [`AmqpError::QueueMismatch`] when the queue exists with other
     /// arguments; [`AmqpError::Broker`] when the broker cannot be reached.
     pub async fn connect(cfg: &AmqpSourceConfig) -> Result<AmqpSource, AmqpError> {
-        let props = ConnectionProperties::default().with_connection_name("weir".into());
+        let props = ConnectionProperties::default()
+            .with_connection_name(cfg.connection_name.clone().into());
         let connection = Connection::connect(&cfg.url, props)
             .await
             .map_err(AmqpError::broker(format!(

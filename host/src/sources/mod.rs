@@ -1,6 +1,9 @@
 //! Sources: where events come from.
 //!
 //! - [`amqp`]: a RabbitMQ queue, with its topology and dead-letter exchange.
+//! - [`file`]: NDJSON from a file or standard input, with a dead-letter
+//!   file; no broker needed.
+//! - [`queue_depth`]: measures the AMQP queues for the queue-depth gauge.
 //!
 //! A source hands out deliveries, each wrapping a [`Message`], and later
 //! hears what became of each: acknowledged (stored, or dropped on purpose)
@@ -8,6 +11,8 @@
 //! to redeliver.
 
 pub mod amqp;
+pub mod file;
+pub mod queue_depth;
 
 use crate::event::{Message, Rejection};
 
@@ -17,6 +22,8 @@ use crate::event::{Message, Rejection};
 pub enum SourceError {
     #[error(transparent)]
     Amqp(#[from] amqp::AmqpError),
+    #[error(transparent)]
+    File(#[from] file::FileError),
 }
 
 impl SourceError {
@@ -24,6 +31,7 @@ impl SourceError {
     pub fn is_transient(&self) -> bool {
         match self {
             SourceError::Amqp(e) => e.is_transient(),
+            SourceError::File(e) => e.is_transient(),
         }
     }
 }
@@ -93,5 +101,44 @@ impl Source for amqp::AmqpSource {
 
     async fn close(self) {
         amqp::AmqpSource::close(self).await;
+    }
+}
+
+/// A file keeps its lines, so acknowledging is a no-op; a dead letter is a
+/// line appended to the dead-letter file, with the line's number.
+impl Source for file::FileSource {
+    type Delivery = file::Delivery;
+
+    async fn next(&mut self) -> Option<Result<Self::Delivery, SourceError>> {
+        Some(
+            file::FileSource::next(self)
+                .await?
+                .map_err(SourceError::from),
+        )
+    }
+
+    fn message(d: &Self::Delivery) -> &Message {
+        &d.message
+    }
+
+    async fn ack(&self, _d: &Self::Delivery) -> Result<(), SourceError> {
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        d: &Self::Delivery,
+        why: &Rejection,
+        key: Option<&str>,
+    ) -> Result<(), SourceError> {
+        Ok(file::FileSource::dead_letter(self, d, why, key).await?)
+    }
+
+    async fn stop(&self) {
+        file::FileSource::stop(self);
+    }
+
+    async fn close(self) {
+        file::FileSource::close(self).await;
     }
 }

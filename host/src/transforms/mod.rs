@@ -83,6 +83,7 @@ impl Chain {
                 TransformConfig::Schema(c) => {
                     schema::SchemaTransform::new(c, &pipeline.resolve(&c.dir))
                         .map(Transform::Schema)
+                        .map_err(anyhow::Error::from)
                 }
                 TransformConfig::Wasm(c) => {
                     let engine = match engine.get() {
@@ -113,6 +114,35 @@ impl Chain {
             }
         }
         Verdict::Keep
+    }
+
+    /// Like [`Chain::apply`], and tells `observe` how long each stage took
+    /// and what it decided, for per-stage metrics.
+    pub fn apply_observed(
+        &mut self,
+        event: &mut Event,
+        mut observe: impl FnMut(&Transform, std::time::Duration, &Verdict),
+    ) -> Verdict {
+        for stage in &mut self.stages {
+            let started = std::time::Instant::now();
+            let verdict = stage.apply(event);
+            observe(stage, started.elapsed(), &verdict);
+            if verdict != Verdict::Keep {
+                return verdict;
+            }
+        }
+        Verdict::Keep
+    }
+
+    /// The event types some schema stage has a schema for.
+    pub fn event_types(&self) -> impl Iterator<Item = &str> {
+        self.stages
+            .iter()
+            .filter_map(|s| match s {
+                Transform::Schema(t) => Some(t.schemas().event_types()),
+                Transform::Wasm(_) => None,
+            })
+            .flatten()
     }
 
     /// The stages, in order.

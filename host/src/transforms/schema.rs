@@ -17,7 +17,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, Context};
 use jsonschema::{Draft, Validator};
 use serde_json::Value;
 
@@ -31,6 +30,26 @@ pub const ID_BASE: &str = "https://weir.invalid/schemas/";
 
 /// The most failing locations listed in one dead-letter reason.
 const MAX_LISTED: usize = 20;
+
+/// A schema file that cannot be used, with where it is.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}:{line}: {message}", file.display())]
+pub struct SchemaError {
+    pub file: PathBuf,
+    /// 1-based; 1 when the problem is the file as a whole.
+    pub line: usize,
+    pub message: String,
+}
+
+impl SchemaError {
+    fn new(file: &Path, line: usize, message: impl Into<String>) -> Self {
+        SchemaError {
+            file: file.to_path_buf(),
+            line,
+            message: message.into(),
+        }
+    }
+}
 
 /// A version number such as `1.1`, compared numerically part by part.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -77,26 +96,55 @@ impl SchemaSet {
     ///
     /// The first file that is not JSON, does not compile, or refers to a
     /// missing file, with its path.
-    pub fn load(dir: &Path) -> anyhow::Result<SchemaSet> {
+    pub fn load(dir: &Path) -> Result<SchemaSet, SchemaError> {
+        let (set, mut problems) = SchemaSet::load_all(dir);
+        match problems.is_empty() {
+            true => Ok(set),
+            false => Err(problems.swap_remove(0)),
+        }
+    }
+
+    /// Loads every schema that compiles and lists every problem, for
+    /// `weir validate`.
+    pub fn load_all(dir: &Path) -> (SchemaSet, Vec<SchemaError>) {
         let mut by_type: HashMap<String, BTreeMap<Version, Entry>> = HashMap::new();
-        let entries = std::fs::read_dir(dir)
-            .with_context(|| format!("cannot read schema directory {}", dir.display()))?;
-        for entry in entries {
-            let entry =
-                entry.with_context(|| format!("cannot read schema directory {}", dir.display()))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !entry.path().is_dir() || name.starts_with('_') || name.starts_with('.') {
+        let mut problems = Vec::new();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                problems.push(SchemaError::new(
+                    dir,
+                    1,
+                    format!("cannot read schema directory: {e}"),
+                ));
+                return (SchemaSet { by_type }, problems);
+            }
+        };
+        let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        dirs.sort();
+        for path in dirs {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if !path.is_dir() || name.starts_with('_') || name.starts_with('.') {
                 continue;
             }
-            for (version, file) in versions_in(&entry.path())? {
-                let validator = compile(dir, &file)?;
-                by_type
-                    .entry(name.clone())
-                    .or_default()
-                    .insert(version, Entry { file, validator });
+            for found in versions_in(&path) {
+                match found.and_then(|(version, file)| {
+                    compile(dir, &file).map(|validator| (version, Entry { file, validator }))
+                }) {
+                    Ok((version, entry)) => {
+                        by_type
+                            .entry(name.clone())
+                            .or_default()
+                            .insert(version, entry);
+                    }
+                    Err(e) => problems.push(e),
+                }
             }
         }
-        Ok(SchemaSet { by_type })
+        (SchemaSet { by_type }, problems)
     }
 
     /// The event types that have at least one schema.
@@ -161,35 +209,44 @@ impl SchemaSet {
 }
 
 /// `(version, file)` for every `<version>.json` in one type's directory.
-fn versions_in(dir: &Path) -> anyhow::Result<Vec<(Version, PathBuf)>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
-        let path = entry
-            .with_context(|| format!("cannot read {}", dir.display()))?
-            .path();
-        if path.extension().is_none_or(|e| e != "json") {
-            continue;
+fn versions_in(dir: &Path) -> Vec<Result<(Version, PathBuf), SchemaError>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            return vec![Err(SchemaError::new(
+                dir,
+                1,
+                format!("cannot read directory: {e}"),
+            ))]
         }
-        let stem = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let version = Version::parse(&stem).ok_or_else(|| {
-            anyhow!(
-                "{}: schema file name must be a version such as 1.0.json",
-                path.display()
-            )
-        })?;
-        out.push((version, path));
-    }
-    Ok(out)
+    };
+    let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    files.sort();
+    files
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .map(|path| {
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            match Version::parse(&stem) {
+                Some(v) => Ok((v, path)),
+                None => Err(SchemaError::new(
+                    &path,
+                    1,
+                    "schema file name must be a version such as 1.0.json",
+                )),
+            }
+        })
+        .collect()
 }
 
-fn compile(dir: &Path, file: &Path) -> anyhow::Result<Validator> {
+fn compile(dir: &Path, file: &Path) -> Result<Validator, SchemaError> {
     let text = std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read schema {}", file.display()))?;
+        .map_err(|e| SchemaError::new(file, 1, format!("cannot read schema: {e}")))?;
     let schema: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: schema is not JSON", file.display()))?;
+        .map_err(|e| SchemaError::new(file, e.line().max(1), format!("schema is not JSON: {e}")))?;
     jsonschema::options()
         .with_draft(Draft::Draft202012)
         .should_validate_formats(true)
@@ -197,7 +254,7 @@ fn compile(dir: &Path, file: &Path) -> anyhow::Result<Validator> {
             dir: dir.to_path_buf(),
         })
         .build(&schema)
-        .map_err(|e| anyhow!("{}: schema does not compile: {e}", file.display()))
+        .map_err(|e| SchemaError::new(file, 1, format!("schema does not compile: {e}")))
 }
 
 /// Serves `$ref`s from the schema directory and nowhere else.
@@ -252,7 +309,7 @@ impl SchemaTransform {
     /// # Errors
     ///
     /// As [`SchemaSet::load`].
-    pub fn new(cfg: &SchemaTransformConfig, dir: &Path) -> anyhow::Result<Self> {
+    pub fn new(cfg: &SchemaTransformConfig, dir: &Path) -> Result<Self, SchemaError> {
         Ok(SchemaTransform {
             name: cfg.name.clone(),
             set: SchemaSet::load(dir)?,

@@ -87,7 +87,10 @@ const STDERR_TAIL_BYTES: usize = 2 << 10;
 /// plugins hold hundreds.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 
-/// The WASI interface whose timers [`link`] replaces.
+/// The WASI interface whose timers [`link`] replaces. It must name the
+/// version wasmtime-wasi defines, or the replacement would sit beside the
+/// original instead of over it; `waiting_on_a_timer_is_refused` fails if an
+/// upgrade of wasmtime-wasi changes that version.
 const WASI_MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.3";
 
 /// The wasmtime engine every plugin of a process shares: the component
@@ -302,16 +305,20 @@ impl WasmTransform {
         } else if let Some(exit) = error.downcast_ref::<I32Exit>() {
             format!("plugin `{name}` exited with status {}", exit.0)
         } else if error.downcast_ref::<TimerRefused>().is_some() {
-            format!("plugin `{name}` trapped: {TimerRefused}")
+            format!("plugin `{name}` {TimerRefused}")
         } else {
             format!("plugin `{name}` failed: {}", error.root_cause())
         };
-        match stderr.trim() {
-            "" => format!("{reason}{during}"),
-            tail => {
-                let tail = tail.split_whitespace().collect::<Vec<_>>().join(" ");
-                format!("{reason}{during} (stderr: {tail})")
-            }
+        // Rust's hint about RUST_BACKTRACE says nothing about the event.
+        let tail: Vec<&str> = stderr
+            .lines()
+            .filter(|l| !l.starts_with("note: run with `RUST_BACKTRACE"))
+            .flat_map(str::split_whitespace)
+            .collect();
+        if tail.is_empty() {
+            format!("{reason}{during}")
+        } else {
+            format!("{reason}{during} (stderr: {})", tail.join(" "))
         }
     }
 
@@ -487,7 +494,7 @@ struct MemoryLimitExceeded {
 
 /// A plugin tried to wait on a timer.
 #[derive(Debug, thiserror::Error)]
-#[error("plugin tried to wait on a timer, which a transform may not do")]
+#[error("tried to wait on a timer, which a transform may not do")]
 struct TimerRefused;
 
 /// Caps the total linear memory of one instance. Growing past the cap traps
@@ -813,9 +820,25 @@ mod tests {
             "{}",
             r.reason
         );
+        assert!(!r.reason.contains("RUST_BACKTRACE"), "{}", r.reason);
         serves_next(&mut t)?;
         // A second trap on the restarted instance is handled the same way.
         rejection(t.apply(&mut with_payload(json!({ "trap": true }))))?;
+        serves_next(&mut t)
+    }
+
+    /// The pipeline calls `apply` from inside a Tokio task. A panic message
+    /// written to stderr there must not make wasmtime-wasi start a runtime
+    /// within the runtime.
+    #[tokio::test]
+    async fn trap_with_stderr_inside_a_tokio_task_does_not_panic_the_host() -> anyhow::Result<()> {
+        let mut t = load("trapper", json!({}))?;
+        let r = rejection(t.apply(&mut with_payload(json!({ "trap": true }))))?;
+        assert!(
+            r.reason.contains("trap requested by the event"),
+            "{}",
+            r.reason
+        );
         serves_next(&mut t)
     }
 
@@ -823,10 +846,9 @@ mod tests {
     fn waiting_on_a_timer_is_refused() -> anyhow::Result<()> {
         let mut t = load("trapper", json!({}))?;
         let r = rejection(t.apply(&mut with_payload(json!({ "sleep": true }))))?;
-        assert!(
-            r.reason.contains("tried to wait on a timer"),
-            "{}",
-            r.reason
+        assert_eq!(
+            r.reason,
+            "plugin `trapper` tried to wait on a timer, which a transform may not do"
         );
         serves_next(&mut t)
     }
@@ -995,5 +1017,50 @@ mod tests {
     fn transform_can_move_between_threads() {
         fn send<T: Send>() {}
         send::<WasmTransform>();
+    }
+
+    #[test]
+    fn zz_call_cost() -> anyhow::Result<()> {
+        for (name, cfg) in [
+            ("filter", json!({ "drop_types": ["x"] })),
+            ("validate", json!({})),
+            ("enrich", json!({ "redact": ["email"], "redact_key": "k" })),
+        ] {
+            let mut t = load(name, cfg)?;
+            let mut proto = event(json!({
+                "event_type": "user.login_failed", "service": "auth-service", "version": "1.0",
+                "timestamp": "2026-11-29T16:01:15.135Z",
+                "payload": { "organization_id": "0b6f4e2a-1c3d-4e5f-8a9b-0c1d2e3f4a5b",
+                             "user_id": "0b6f4e2a-1c3d-4e5f-8a9b-0c1d2e3f4a5c",
+                             "email": "ann@example.com", "reason": "bad_password", "attempt": 2 },
+                "metadata": { "correlation_id": "0b6f4e2a-1c3d-4e5f-8a9b-0c1d2e3f4a5d",
+                              "user_id": "0b6f4e2a-1c3d-4e5f-8a9b-0c1d2e3f4a5e",
+                              "ip_address": "203.0.113.7",
+                              "user_agent": "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0",
+                              "event_id": "0b6f4e2a-1c3d-4e5f-8a9b-0c1d2e3f4a5f" },
+            }));
+            for _ in 0..200 {
+                let mut e = proto.clone();
+                t.apply(&mut e);
+            }
+            let n = 5000;
+            let started = Instant::now();
+            for _ in 0..n {
+                let mut e = proto.clone();
+                t.apply(&mut e);
+            }
+            let per = started.elapsed() / n;
+            let live = t.live.as_mut().unwrap();
+            live.store.set_fuel(50_000_000)?;
+            let mut e = proto.clone();
+            t.apply(&mut e);
+            let left = t.live.as_ref().unwrap().store.get_fuel()?;
+            eprintln!(
+                "COST {name}: {per:?} per event, fuel used {}",
+                50_000_000 - left
+            );
+            proto.body.clear();
+        }
+        Ok(())
     }
 }

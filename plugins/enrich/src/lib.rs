@@ -135,7 +135,9 @@ impl Plugin for Enrich {
 
         if let Some(mac) = &self.mac {
             let redactor = Redactor { mac };
-            if let (false, Some(Value::Object(payload))) = (self.redact.is_empty(), event.get_mut("payload")) {
+            if let (false, Some(Value::Object(payload))) =
+                (self.redact.is_empty(), event.get_mut("payload"))
+            {
                 redactor.named_fields(payload, &self.redact);
             }
             if self.redact_emails_anywhere {
@@ -320,7 +322,8 @@ fn is_email(text: &str) -> bool {
 /// pseudonym. Non-ASCII letters count, for internationalized addresses.
 fn email_spans(text: &str) -> Vec<(usize, usize)> {
     let b = text.as_bytes();
-    let local = |c: u8| c >= 0x80 || c.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~.-".contains(&c);
+    let local =
+        |c: u8| c >= 0x80 || c.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~.-".contains(&c);
     let domain = |c: u8| c >= 0x80 || c.is_ascii_alphanumeric() || c == b'-' || c == b'.';
     let mut spans = Vec::new();
     let mut from = 0;
@@ -342,7 +345,9 @@ fn email_spans(text: &str) -> Vec<(usize, usize)> {
         while end > at + 1 && matches!(b[end - 1], b'.' | b'-') {
             end -= 1;
         }
-        let has_domain = b[at + 1..end].iter().any(|c| *c >= 0x80 || c.is_ascii_alphanumeric());
+        let has_domain = b[at + 1..end]
+            .iter()
+            .any(|c| *c >= 0x80 || c.is_ascii_alphanumeric());
         if start < at && has_domain {
             spans.push((start, end));
             from = end;
@@ -352,7 +357,11 @@ fn email_spans(text: &str) -> Vec<(usize, usize)> {
 }
 
 fn memchr_all(haystack: &[u8], needle: u8) -> impl Iterator<Item = usize> + '_ {
-    haystack.iter().enumerate().filter(move |(_, c)| **c == needle).map(|(i, _)| i)
+    haystack
+        .iter()
+        .enumerate()
+        .filter(move |(_, c)| **c == needle)
+        .map(|(i, _)| i)
 }
 
 #[cfg(test)]
@@ -410,7 +419,11 @@ mod tests {
             m["user_agent_info"],
             serde_json::json!({ "browser": "Edge", "os": "Windows", "bot": false })
         );
-        let e = run(&mut p, "order.created", serde_json::json!({ "payload": {} }));
+        let e = run(
+            &mut p,
+            "order.created",
+            serde_json::json!({ "payload": {} }),
+        );
         assert_eq!(e["metadata"]["severity"], "low");
         assert!(e["metadata"].get("actor").is_none());
     }
@@ -447,18 +460,32 @@ mod tests {
         let text = serde_json::to_string(&e).unwrap_or_default();
         assert!(!text.contains('@'), "{text}");
         let email = e["payload"]["email"].as_str().unwrap_or_default();
-        assert!(email.starts_with("hmac-sha256:") && email.len() == 12 + 64, "{email}");
+        assert!(
+            email.starts_with("hmac-sha256:") && email.len() == 12 + 64,
+            "{email}"
+        );
         // Case does not change an address's pseudonym.
-        let again = run(&mut p, "x", serde_json::json!({ "payload": { "email": "ann@example.com" } }));
+        let again = run(
+            &mut p,
+            "x",
+            serde_json::json!({ "payload": { "email": "ann@example.com" } }),
+        );
         assert_eq!(again["payload"]["email"], e["payload"]["email"]);
-        assert!(e["payload"]["note"].as_str().unwrap_or_default().ends_with('.'));
+        assert!(e["payload"]["note"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with('.'));
         assert_eq!(e["metadata"]["user_agent_info"]["bot"], true);
     }
 
     #[test]
     fn named_fields_are_redacted_even_without_an_at_sign() {
         let mut p = plugin(serde_json::json!({ "redact_key": "k", "redact": ["Phone"] }));
-        let e = run(&mut p, "x", serde_json::json!({ "payload": { "inner": { "phone": "555-0100" } } }));
+        let e = run(
+            &mut p,
+            "x",
+            serde_json::json!({ "payload": { "inner": { "phone": "555-0100" } } }),
+        );
         assert!(e["payload"]["inner"]["phone"]
             .as_str()
             .unwrap_or_default()
@@ -467,7 +494,9 @@ mod tests {
 
     #[test]
     fn redaction_needs_a_key() {
-        let err = Enrich::new(serde_json::json!({ "redact": ["email"] })).err().unwrap_or_default();
+        let err = Enrich::new(serde_json::json!({ "redact": ["email"] }))
+            .err()
+            .unwrap_or_default();
         assert!(err.contains("redact_key is required"), "{err}");
         assert!(Enrich::new(serde_json::json!({ "redact_emails_anywhere": false })).is_ok());
         assert!(Enrich::new(serde_json::json!({ "redact_kye": "k" })).is_err());

@@ -119,7 +119,9 @@ macro_rules! export_plugin {
             struct WeirPluginExport;
 
             impl $crate::bindings::exports::weir::plugin::transformer::Guest for WeirPluginExport {
-                fn init(config: ::std::string::String) -> ::std::result::Result<(), ::std::string::String> {
+                fn init(
+                    config: ::std::string::String,
+                ) -> ::std::result::Result<(), ::std::string::String> {
                     $crate::__private::init::<$plugin>(&WEIR_PLUGIN, &config)
                 }
 
@@ -128,7 +130,7 @@ macro_rules! export_plugin {
                 ) -> $crate::bindings::exports::weir::plugin::transformer::Outcome {
                     $crate::__private::process::<$plugin>(&WEIR_PLUGIN, event)
                 }
-            }
+    }
 
             $crate::bindings::export!(WeirPluginExport with_types_in $crate::bindings);
         };

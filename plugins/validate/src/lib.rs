@@ -58,9 +58,14 @@ enum Skew {
 }
 
 fn default_uuid_fields() -> Vec<String> {
-    ["metadata.event_id", "metadata.correlation_id", "metadata.user_id", "payload.organization_id"]
-        .map(String::from)
-        .to_vec()
+    [
+        "metadata.event_id",
+        "metadata.correlation_id",
+        "metadata.user_id",
+        "payload.organization_id",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 fn default_max_payload_bytes() -> u64 {
@@ -85,7 +90,11 @@ impl Plugin for Validate {
             Some(Skew::Text(t)) => parse_duration(&t)
                 .ok_or_else(|| format!("max_future_skew `{t}` is not a duration like \"5m\""))?,
         };
-        if let Some(bad) = config.uuid_fields.iter().find(|f| f.is_empty() || f.contains("..")) {
+        if let Some(bad) = config
+            .uuid_fields
+            .iter()
+            .find(|f| f.is_empty() || f.contains(".."))
+        {
             return Err(format!("uuid_fields entry `{bad}` is not a dotted path"));
         }
         Ok(Validate {
@@ -135,7 +144,10 @@ impl Validate {
             other => return Some(format!("timestamp must be a string, found {}", kind(other))),
         };
         let Some(at) = parse_rfc3339(text) else {
-            return Some(format!("timestamp `{}` is not an RFC 3339 date-time", clip(text)));
+            return Some(format!(
+                "timestamp `{}` is not an RFC 3339 date-time",
+                clip(text)
+            ));
         };
         let ahead = at - now;
         if ahead > i128::from(self.skew_secs) * NANOS_PER_SEC {
@@ -164,7 +176,10 @@ fn check_uuid(path: &str, value: Option<&Value>) -> Option<String> {
             "{path} `{}` is not a uuid (expected 8-4-4-4-12 hex digits)",
             clip(s)
         )),
-        other => Some(format!("{path} must be a uuid string, found {}", kind(other))),
+        other => Some(format!(
+            "{path} must be a uuid string, found {}",
+            kind(other)
+        )),
     }
 }
 
@@ -289,7 +304,9 @@ fn parse_rfc3339(s: &str) -> Option<i128> {
     }
     let num = |range: std::ops::Range<usize>| -> Option<i64> {
         let part = s.get(range)?;
-        part.bytes().all(|c| c.is_ascii_digit()).then(|| part.parse().ok())?
+        part.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| part.parse().ok())?
     };
     let seps = [(4, b'-'), (7, b'-'), (13, b':'), (16, b':')];
     if seps.iter().any(|&(i, c)| b[i] != c) || !matches!(b[10], b'T' | b't' | b' ') {
@@ -396,7 +413,12 @@ mod tests {
             parse_rfc3339("2000-03-01T00:00:00Z"),
             Some(951_868_800 * NANOS_PER_SEC)
         );
-        for bad in ["2026-02-30T00:00:00Z", "2026-11-29 16:01", "2026-11-29T16:01:15", "x"] {
+        for bad in [
+            "2026-02-30T00:00:00Z",
+            "2026-11-29 16:01",
+            "2026-11-29T16:01:15",
+            "x",
+        ] {
             assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }
     }
@@ -446,7 +468,10 @@ mod tests {
     fn oversized_payload_is_rejected() {
         let v = plugin(serde_json::json!({ "max_payload_bytes": 10 }));
         let e = event(serde_json::json!({ "payload": { "a": "0123456789" } }));
-        assert_eq!(v.check(&e, now()), ["payload is 18 bytes, more than the 10 allowed"]);
+        assert_eq!(
+            v.check(&e, now()),
+            ["payload is 18 bytes, more than the 10 allowed"]
+        );
     }
 
     #[test]
