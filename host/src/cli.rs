@@ -65,6 +65,24 @@ pub enum Command {
         #[arg(long, default_value = "fixtures")]
         fixtures: PathBuf,
     },
+    /// Send dead-lettered messages back through a pipeline: all of them, or
+    /// those matching every filter given. Those that fail again are
+    /// dead-lettered again by the running pipeline.
+    Replay {
+        /// The pipeline file whose dead-letter queue to read.
+        #[arg(default_value = "pipelines/audit.toml")]
+        pipeline: PathBuf,
+        /// Only messages whose reason contains this text.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only messages of this reason class (`decode`, `schema`, `plugin`,
+        /// `database`, `delivery_limit`, or the broker's `expired`).
+        #[arg(long)]
+        class: Option<String>,
+        /// Only messages of this event_type.
+        #[arg(long)]
+        event_type: Option<String>,
+    },
     /// Write generated sample events as NDJSON to standard output.
     Sample {
         /// Number of lines.
@@ -114,6 +132,19 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(crate::validate::run(&pipelines, format).await)
         }
         Command::Test { pipeline, fixtures } => test(&pipeline, &fixtures),
+        Command::Replay {
+            pipeline,
+            reason,
+            class,
+            event_type,
+        } => {
+            let filter = crate::sources::amqp::ReplayFilter {
+                reason,
+                class,
+                event_type,
+            };
+            replay(&pipeline, &filter).await
+        }
         Command::Sample {
             count,
             seed,
@@ -174,6 +205,27 @@ fn test(path: &std::path::Path, fixtures: &std::path::Path) -> anyhow::Result<Ex
     } else {
         ExitCode::FAILURE
     })
+}
+
+async fn replay(
+    path: &std::path::Path,
+    filter: &crate::sources::amqp::ReplayFilter,
+) -> anyhow::Result<ExitCode> {
+    let pipeline = Pipeline::load(path)?;
+    let crate::config::SourceConfig::Amqp(cfg) = &pipeline.config.source else {
+        anyhow::bail!(
+            "{}: replay reads an AMQP dead-letter queue; this pipeline's source is not AMQP",
+            path.display()
+        );
+    };
+    let report = crate::sources::amqp::replay(cfg, filter)
+        .await
+        .context("cannot replay dead letters")?;
+    eprintln!(
+        "replayed {}, left {} in {}",
+        report.replayed, report.kept, cfg.dead_letter.queue
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

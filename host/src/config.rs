@@ -356,6 +356,46 @@ pub struct PipelineConfig {
     /// [`IdempotencyConfig`].
     #[serde(default)]
     pub idempotency: IdempotencyConfig,
+    /// How transient failures are retried. Default: see [`RetryConfig`].
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+/// Backoff for transient failures of a whole stage (database or broker
+/// unreachable): each retry waits a random time between half and all of
+/// `initial * 2^attempt`, capped at `max`, while nothing new is consumed.
+///
+/// ```toml
+/// [retry]
+/// initial = "100ms"
+/// max = "30s"
+/// ```
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct RetryConfig {
+    /// First wait. Default `"100ms"`.
+    #[serde(default = "default_retry_initial", deserialize_with = "de_duration")]
+    pub initial: Duration,
+    /// Longest wait. Default `"30s"`.
+    #[serde(default = "default_retry_max", deserialize_with = "de_duration")]
+    pub max: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial: default_retry_initial(),
+            max: default_retry_max(),
+        }
+    }
+}
+
+fn default_retry_initial() -> Duration {
+    Duration::from_millis(100)
+}
+
+fn default_retry_max() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// The idempotency key, computed from the message as received, before any
@@ -506,6 +546,20 @@ pub struct AmqpSourceConfig {
     /// apart.
     #[serde(default = "default_connection_name")]
     pub connection_name: String,
+    /// `classic` (the default, as the audit service has always declared
+    /// it) or `quorum` (replicated, with a broker-side delivery limit).
+    /// Changing it on an existing queue makes weir refuse to start.
+    #[serde(default)]
+    pub queue_type: QueueType,
+    /// Most deliveries of one message before weir dead-letters it as a
+    /// poison message (class `delivery_limit`), counted by the broker's
+    /// `x-delivery-count` on quorum queues. On a quorum queue it is also
+    /// declared as `x-delivery-limit`, so the broker dead-letters the
+    /// message itself should weir die on it every time. Default 5 for
+    /// quorum queues; classic queues keep no count, see the README's
+    /// limits.
+    #[serde(default)]
+    pub delivery_limit: Option<u32>,
     /// Exchanges the queue is bound to. Default: none (the queue only gets
     /// what is published to it directly).
     #[serde(default)]
@@ -513,6 +567,27 @@ pub struct AmqpSourceConfig {
     /// Where rejected and expired messages go. Required: weir never drops a
     /// message it cannot store.
     pub dead_letter: DeadLetterConfig,
+}
+
+/// RabbitMQ queue types weir can declare.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueType {
+    #[default]
+    Classic,
+    Quorum,
+}
+
+impl AmqpSourceConfig {
+    /// The delivery limit in force: the configured one, or 5 on a quorum
+    /// queue.
+    pub fn effective_delivery_limit(&self) -> Option<u32> {
+        match (self.delivery_limit, self.queue_type) {
+            (Some(n), _) => Some(n),
+            (None, QueueType::Quorum) => Some(5),
+            (None, QueueType::Classic) => None,
+        }
+    }
 }
 
 /// An exchange weir declares and binds its queue to.

@@ -176,7 +176,28 @@ async fn exchange(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
         ),
     };
     stream.write_all(&response.into_bytes()).await?;
-    stream.shutdown().await
+    stream.shutdown().await?;
+    // Read what the client still sends (a body, the rest of an oversized
+    // head) until it closes, a little while at most: closing a socket with
+    // unread input resets it, and the reset can destroy the answer before
+    // the client has read it.
+    let _ = tokio::time::timeout(LINGER, drain(&mut stream)).await;
+    Ok(())
+}
+
+/// How long a client may keep sending after its answer was written.
+const LINGER: Duration = Duration::from_secs(1);
+
+async fn drain(stream: &mut TcpStream) -> io::Result<()> {
+    let mut sink = [0u8; 4096];
+    let mut left: usize = 64 * 1024;
+    while left > 0 {
+        match stream.read(&mut sink).await? {
+            0 => break,
+            n => left = left.saturating_sub(n),
+        }
+    }
+    Ok(())
 }
 
 /// The request head, without the blank line that ends it; `None` when it

@@ -23,6 +23,7 @@ pub mod fixtures;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;
+pub mod retry;
 pub mod sample;
 pub mod sinks;
 pub mod sources;

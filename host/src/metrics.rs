@@ -18,7 +18,7 @@
 //! and the `weir_ready` gauge read both.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,9 @@ pub struct Metrics {
     /// Event types that get a label of their own: those with a schema,
     /// added by the pipeline once its transforms are built.
     known_types: RwLock<HashSet<String>>,
+    /// Whether the pipeline checks schemas at all; only then does an
+    /// unknown type count in `weir_schema_missing_total`.
+    checks_schemas: AtomicBool,
     consumed: IntCounterVec,
     processing: Histogram,
     dead_letters: IntCounterVec,
@@ -267,6 +270,7 @@ impl Metrics {
             ready,
             ready_lock: Mutex::new(()),
             registry: r,
+            checks_schemas: AtomicBool::new(!known_types.is_empty()),
             known_types: RwLock::new(known_types),
             dead_letter_log: RateLimit::new(10, Duration::from_secs(10)),
             duplicate_log: RateLimit::new(10, Duration::from_secs(10)),
@@ -287,7 +291,8 @@ impl Metrics {
     }
 
     /// Gives these event types a label of their own. Call it with the
-    /// types that have a schema; every other type is counted as `other`.
+    /// types that have a schema; every other type is counted as `other`,
+    /// and in `weir_schema_missing_total`.
     pub fn add_event_types<I, S>(&self, types: I)
     where
         I: IntoIterator<Item = S>,
@@ -295,11 +300,24 @@ impl Metrics {
     {
         let mut known = self.known_types.write().unwrap_or_else(|p| p.into_inner());
         known.extend(types.into_iter().map(Into::into));
+        self.checks_schemas.store(true, Ordering::Relaxed);
+    }
+
+    /// An event of this type was decoded. Counts it as missing a schema
+    /// when schemas are checked and its type has none.
+    pub fn decoded(&self, event_type: &str) {
+        if self.checks_schemas.load(Ordering::Relaxed) && !self.is_known(event_type) {
+            self.schema_missing.inc();
+        }
+    }
+
+    fn is_known(&self, event_type: &str) -> bool {
+        let known = self.known_types.read().unwrap_or_else(|p| p.into_inner());
+        known.contains(event_type)
     }
 
     fn type_label<'a>(&self, event_type: &'a str) -> &'a str {
-        let known = self.known_types.read().unwrap_or_else(|p| p.into_inner());
-        if known.contains(event_type) {
+        if self.is_known(event_type) {
             event_type
         } else {
             "other"
@@ -387,11 +405,6 @@ impl Metrics {
     /// A connection was made again.
     pub fn reconnect(&self, target: &str) {
         self.reconnects.with_label_values(&[target]).inc();
-    }
-
-    /// An event had no schema for its type.
-    pub fn schema_missing(&self) {
-        self.schema_missing.inc();
     }
 
     /// Whether the source is connected to the broker and consuming. The

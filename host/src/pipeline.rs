@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 use tokio::time::sleep_until;
 use tracing::{error, info, instrument, trace, warn};
 
-use crate::config::{BatchConfig, KeySource, Pipeline, SourceConfig};
-use crate::event::{Event, Rejection};
+use crate::config::{BatchConfig, KeySource, Pipeline, RetryConfig, SourceConfig};
+use crate::event::{Event, ReasonClass, Rejection};
 use crate::metrics::{Metrics, StageOutcome, Status};
+use crate::retry::Backoff;
 use crate::sinks::{RowOutcome, Sink, SinkError};
 use crate::sources::amqp::AmqpSource;
 use crate::sources::file::FileSource;
@@ -76,14 +77,24 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Summary, PipelineError> {
     let chain = Chain::build(pipeline)?;
-    metrics.add_event_types(chain.event_types());
+    if chain
+        .stages()
+        .iter()
+        .any(|s| matches!(s, Transform::Schema(_)))
+    {
+        metrics.add_event_types(chain.event_types());
+    }
     let sink_cfg = &pipeline.config.sink;
     let sink = Sink::connect(sink_cfg, &pipeline.base_dir)
         .await
         .map_err(|e| PipelineError::Sink(sink_name(sink_cfg), e))?;
     match &pipeline.config.source {
         SourceConfig::Amqp(cfg) => {
-            let source = AmqpSource::connect(cfg).await.map_err(SourceError::from)?;
+            let source = AmqpSource::connect(cfg)
+                .await
+                .map_err(SourceError::from)?
+                .with_retry(pipeline.config.retry)
+                .with_metrics(metrics.clone());
             drive(pipeline, source, chain, sink, metrics, shutdown).await
         }
         SourceConfig::File(cfg) => {
@@ -117,6 +128,11 @@ async fn drive<S: Source>(
         metrics: metrics.clone(),
         key: pipeline.config.idempotency.key.clone(),
         batch_cfg: sink_cfg.batch(),
+        retry: pipeline.config.retry,
+        delivery_limit: match &pipeline.config.source {
+            SourceConfig::Amqp(a) => a.effective_delivery_limit(),
+            _ => None,
+        },
         batch: Batch::default(),
         summary: Summary::default(),
     };
@@ -175,6 +191,8 @@ struct Runner<S: Source> {
     metrics: Arc<Metrics>,
     key: Vec<KeySource>,
     batch_cfg: BatchConfig,
+    retry: RetryConfig,
+    delivery_limit: Option<u32>,
     batch: Batch<S::Delivery>,
     summary: Summary,
 }
@@ -222,6 +240,16 @@ impl<S: Source> Runner<S> {
         let received = Instant::now();
         self.summary.received += 1;
         let decoded = Event::decode(S::message(&delivery), &self.key);
+        if let Some(why) = self.over_delivery_limit(&delivery) {
+            let (event_type, key) = match &decoded {
+                Ok(e) => (e.event_type().to_string(), Some(e.key.as_str())),
+                Err(_) => (String::new(), None),
+            };
+            let key = key.map(str::to_string);
+            return self
+                .dead_letter(&delivery, &event_type, key.as_deref(), &why, received)
+                .await;
+        }
         let outcome = match decoded {
             Ok(_) => StageOutcome::Ok,
             Err(_) => StageOutcome::Rejected,
@@ -232,6 +260,7 @@ impl<S: Source> Runner<S> {
             Err(why) => return self.dead_letter(&delivery, "", None, &why, received).await,
         };
         trace!(key = %event.key, event_type = %event.event_type(), "Event decoded.");
+        self.metrics.decoded(event.event_type());
 
         let metrics = &self.metrics;
         let verdict = self
@@ -256,7 +285,7 @@ impl<S: Source> Runner<S> {
                 Ok(())
             }
             Verdict::Drop => {
-                self.settle(|s| s.ack(&delivery)).await?;
+                self.ack(&delivery).await?;
                 self.summary.dropped += 1;
                 self.metrics
                     .finished(event.event_type(), Status::Dropped, received);
@@ -280,7 +309,7 @@ impl<S: Source> Runner<S> {
         let events = std::mem::take(&mut self.batch.events);
         let pending = std::mem::take(&mut self.batch.pending);
 
-        let mut backoff = Backoff::default();
+        let mut backoff = Backoff::new(self.retry);
         let started = Instant::now();
         let report = loop {
             match self.sink.write(&events).await {
@@ -322,13 +351,13 @@ impl<S: Source> Runner<S> {
                         .await?;
                 }
                 RowOutcome::Stored => {
-                    self.settle(|s| s.ack(&p.delivery)).await?;
+                    self.ack(&p.delivery).await?;
                     self.summary.stored += 1;
                     self.metrics
                         .finished(event_type, Status::Stored, p.received);
                 }
                 RowOutcome::Duplicate => {
-                    self.settle(|s| s.ack(&p.delivery)).await?;
+                    self.ack(&p.delivery).await?;
                     self.summary.duplicates += 1;
                     self.metrics.duplicate(event_type, &event.key, p.received);
                 }
@@ -345,33 +374,65 @@ impl<S: Source> Runner<S> {
         why: &Rejection,
         received: Instant,
     ) -> Result<(), PipelineError> {
-        self.settle(|s| s.dead_letter(delivery, why, key)).await?;
+        let mut backoff = Backoff::new(self.retry);
+        loop {
+            match self.source.dead_letter(delivery, why, key).await {
+                Ok(()) => break,
+                Err(e) => self.settle_failed(e, &mut backoff).await?,
+            }
+        }
         self.summary.dead_lettered += 1;
         self.metrics.dead_lettered(event_type, key, why, received);
         Ok(())
     }
 
-    /// Runs a settlement (ack or dead letter), retrying while the failure
-    /// is transient. Acks on a dead channel cannot be retried: the broker
-    /// has already put those messages back, so that error is returned.
-    async fn settle<'a, F, Fut>(&'a self, op: F) -> Result<(), PipelineError>
-    where
-        F: Fn(&'a S) -> Fut,
-        Fut: Future<Output = Result<(), SourceError>>,
-    {
-        let mut backoff = Backoff::default();
+    /// A poison message: one the broker has delivered `delivery_limit`
+    /// times already without it being settled (weir died on it, say). It is
+    /// dead-lettered before any stage sees it again.
+    fn over_delivery_limit(&self, delivery: &S::Delivery) -> Option<Rejection> {
+        let limit = self.delivery_limit?;
+        let count = S::delivery_count(delivery)?;
+        (count >= limit).then(|| {
+            Rejection::new(
+                ReasonClass::DeliveryLimit,
+                "source",
+                format!(
+                    "delivered {} times, past the delivery limit of {limit}; set aside as a \
+                     poison message",
+                    u64::from(count) + 1
+                ),
+            )
+        })
+    }
+
+    /// Acknowledges a delivery, retrying while the failure is transient.
+    async fn ack(&mut self, delivery: &S::Delivery) -> Result<(), PipelineError> {
+        let mut backoff = Backoff::new(self.retry);
         loop {
-            match op(&self.source).await {
+            match self.source.ack(delivery).await {
                 Ok(()) => return Ok(()),
-                Err(e) if e.is_transient() && backoff.attempts < 8 => {
-                    let wait = backoff.next_delay();
-                    warn!(error = %e, retry_in = ?wait, "Settling a delivery failed; retrying.");
-                    self.metrics.retry("source");
-                    tokio::time::sleep(wait).await;
-                }
-                Err(e) => return Err(e.into()),
+                Err(e) => self.settle_failed(e, &mut backoff).await?,
             }
         }
+    }
+
+    /// Waits before settling again, or gives up: a failure that lasts
+    /// through eight retries (a dead-letter queue nobody bound, say) needs
+    /// an operator, and the unsettled message is safe in the queue.
+    async fn settle_failed(
+        &self,
+        e: SourceError,
+        backoff: &mut Backoff,
+    ) -> Result<(), PipelineError> {
+        if !e.is_transient() || backoff.attempts >= 8 {
+            error!(error = %e, "Cannot settle a delivery; stopping.");
+            return Err(e.into());
+        }
+        let wait = backoff.next_delay();
+        warn!(error = %e, retry_in = ?wait, "Settling a delivery failed; retrying.");
+        self.metrics.retry("source");
+        tokio::time::sleep(wait).await;
+        Ok(())
     }
 }
 
@@ -385,48 +446,6 @@ fn stage_outcome(verdict: &Verdict) -> StageOutcome {
 
 fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
-}
-
-/// Exponential backoff with full jitter, from 100 ms up to 30 s.
-#[derive(Debug)]
-pub struct Backoff {
-    attempts: u32,
-    base: Duration,
-    max: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            attempts: 0,
-            base: Duration::from_millis(100),
-            max: Duration::from_secs(30),
-        }
-    }
-}
-
-impl Backoff {
-    /// The delay before the next attempt: a random point below
-    /// `base * 2^attempts`, capped at `max`, but never under half of it so
-    /// retries do not bunch up at zero.
-    pub fn next_delay(&mut self) -> Duration {
-        let ceiling = self
-            .base
-            .saturating_mul(1u32 << self.attempts.min(16))
-            .min(self.max);
-        self.attempts += 1;
-        let nanos = ceiling.as_nanos() as u64;
-        let jitter = jitter_fraction();
-        Duration::from_nanos(nanos / 2 + (nanos as f64 / 2.0 * jitter) as u64)
-    }
-}
-
-/// A number in [0, 1) that differs between calls and processes.
-fn jitter_fraction() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]
@@ -446,17 +465,5 @@ mod tests {
             s.to_string(),
             "stored 5, duplicates skipped 2, dead-lettered 1, dropped 1"
         );
-    }
-
-    #[test]
-    fn backoff_grows_and_stays_within_bounds() {
-        let mut b = Backoff::default();
-        let first = b.next_delay();
-        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
-        for _ in 0..30 {
-            let d = b.next_delay();
-            assert!(d <= Duration::from_secs(30));
-        }
-        assert!(b.next_delay() >= Duration::from_secs(15));
     }
 }

@@ -3,5 +3,9 @@
 //! exchange names, so they run in parallel and twice in a row.
 
 mod audit;
+mod local;
+mod ops;
+mod proxy;
+mod reliability;
 mod schemas;
 mod support;

@@ -145,14 +145,23 @@ impl TestEnv {
 
     /// Starts `weir run` on a pipeline file; its log goes to a file.
     pub fn spawn(&self, pipeline: &Path) -> Result<Weir> {
+        self.spawn_with(pipeline, &[])
+    }
+
+    /// [`TestEnv::spawn`] with more arguments, e.g. `--log-format json`.
+    /// The metrics listener takes a free port; see [`Weir::metrics_addr`].
+    pub fn spawn_with(&self, pipeline: &Path, args: &[&str]) -> Result<Weir> {
         let log = self.dir.path().join(format!(
             "weir-{}.log",
             COUNTER.fetch_add(1, Ordering::SeqCst)
         ));
         let child = Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(args)
             .arg("run")
             .arg(pipeline)
             .env("WEIR_LOG", "info")
+            // A free port each: tests run in parallel.
+            .env("WEIR_METRICS_ADDR", "127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
@@ -337,7 +346,8 @@ impl Weir {
             .arg("-TERM")
             .arg(self.child.id().to_string())
             .status()?;
-        let status = wait_timeout(&mut self.child, Duration::from_secs(30))?;
+        let status = wait_timeout(&mut self.child, Duration::from_secs(30))
+            .map_err(|e| format!("{e}; log:\n{}", self.log_text()))?;
         Ok((status, self.log_text()))
     }
 
@@ -356,6 +366,35 @@ impl Weir {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The metrics listener's address, from its "Metrics listener
+    /// started." log line (text or JSON), waiting up to `limit` for it.
+    pub async fn metrics_addr(&self, limit: Duration) -> Result<std::net::SocketAddr> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            let log = self.log_text();
+            if let Some(line) = log
+                .lines()
+                .find(|l| l.contains("Metrics listener started."))
+            {
+                let value = line
+                    .split_once("addr=")
+                    .or_else(|| line.split_once("\"addr\":\""))
+                    .map(|(_, rest)| rest)
+                    .ok_or_else(|| format!("no addr in {line:?}"))?;
+                let end = value
+                    .find(|c: char| c.is_whitespace() || c == '"')
+                    .unwrap_or(value.len());
+                return Ok(value[..end].parse()?);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(format!(
+            "no metrics listener within {limit:?}; log:\n{}",
+            self.log_text()
+        )
+        .into())
     }
 
     /// Waits until the log shows the pipeline consuming.

@@ -24,7 +24,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::types::Json;
-use tracing::{debug, info};
+use tracing::info;
 
 use crate::config::{redact_url as redact, PostgresSinkConfig};
 use crate::event::{Event, ReasonClass, Rejection};
@@ -121,7 +121,7 @@ impl PostgresSink {
                 .run(&pool)
                 .await
                 .map_err(PostgresError::Migrate)?;
-            debug!("Migrations applied.");
+            info!("Migrations applied.");
         }
         Ok(PostgresSink { pool })
     }
@@ -189,6 +189,7 @@ impl PostgresSink {
     /// Closes the pool, waiting for connections in use.
     pub async fn close(self) {
         self.pool.close().await;
+        info!("Disconnected from PostgreSQL.");
     }
 }
 

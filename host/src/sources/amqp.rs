@@ -17,10 +17,14 @@ use lapin::protocol::basic::AMQPProperties;
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
-use tracing::{debug, info};
+use std::sync::Arc;
 
-use crate::config::{redact_url, AmqpSourceConfig, ExchangeKind as Kind};
+use tracing::{debug, info, warn};
+
+use crate::config::{redact_url, AmqpSourceConfig, ExchangeKind as Kind, QueueType, RetryConfig};
 use crate::event::{Message, Rejection};
+use crate::metrics::Metrics;
+use crate::retry::Backoff;
 
 /// What can go wrong talking to the broker.
 #[derive(Debug, thiserror::Error)]
@@ -84,27 +88,35 @@ pub struct Delivery {
     pub message: Message,
     /// Whether the broker says it delivered this message before.
     pub redelivered: bool,
+    /// How often the broker delivered it before (`x-delivery-count`, set
+    /// by quorum queues); `None` where the queue keeps no count.
+    pub delivery_count: Option<u32>,
     properties: AMQPProperties,
     acker: lapin::acker::Acker,
+    generation: u64,
 }
 
-/// A connected, consuming AMQP source.
-pub struct AmqpSource {
-    cfg: AmqpSourceConfig,
+/// The longest weir waits for the broker at each step of shutting down.
+const SHUTDOWN_STEP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Header that marks a message sent back by `weir replay`.
+pub const REPLAYED: &str = "x-weir-replayed";
+/// Headers that keep where a dead letter first came from.
+pub const ORIGINAL_EXCHANGE: &str = "x-weir-original-exchange";
+pub const ORIGINAL_ROUTING_KEY: &str = "x-weir-original-routing-key";
+
+/// One connection with its channels and consumer. Replaced as a whole when
+/// the broker connection or a channel fails.
+struct Link {
     connection: Connection,
     consume: Channel,
     publish: Channel,
     consumer: Consumer,
 }
 
-impl AmqpSource {
+impl Link {
     /// Connects, declares the topology and starts consuming.
-    ///
-    /// # Errors
-    ///
-    /// [`AmqpError::QueueMismatch`] when the queue exists with other
-    /// arguments; [`AmqpError::Broker`] when the broker cannot be reached.
-    pub async fn connect(cfg: &AmqpSourceConfig) -> Result<AmqpSource, AmqpError> {
+    async fn open(cfg: &AmqpSourceConfig) -> Result<Link, AmqpError> {
         let props = ConnectionProperties::default()
             .with_connection_name(cfg.connection_name.clone().into());
         let connection = Connection::connect(&cfg.url, props)
@@ -147,8 +159,7 @@ impl AmqpSource {
                 cfg.queue
             )))?;
         info!(queue = %cfg.queue, prefetch = cfg.prefetch, "Consuming.");
-        Ok(AmqpSource {
-            cfg: cfg.clone(),
+        Ok(Link {
             connection,
             consume,
             publish,
@@ -156,47 +167,210 @@ impl AmqpSource {
         })
     }
 
-    /// The next delivery; `None` when the consumer was cancelled.
+    /// Closes channels and connection, giving each step a bounded time: a
+    /// half-open connection must not hold up shutdown.
+    async fn close(&self) {
+        let steps = async {
+            let _ = self.publish.close(200, "weir shutting down").await;
+            let _ = self.consume.close(200, "weir shutting down").await;
+            let _ = self.connection.close(200, "weir shutting down").await;
+        };
+        if tokio::time::timeout(SHUTDOWN_STEP * 2, steps)
+            .await
+            .is_err()
+        {
+            warn!("The broker connection did not close in time; leaving it.");
+        }
+    }
+}
+
+/// A connected, consuming AMQP source that reconnects by itself.
+///
+/// Every delivery remembers the link (its generation) it came on. Once a
+/// link fails, the broker puts its unacknowledged messages back in the
+/// queue; their delivery tags mean nothing on the next link, so settling a
+/// delivery of an old generation does nothing, and the message is handled
+/// again when it comes back (a no-op in the sink, thanks to its key).
+pub struct AmqpSource {
+    cfg: AmqpSourceConfig,
+    link: Link,
+    generation: u64,
+    /// Set when a settle call found the link dead; the next `next` call
+    /// reconnects.
+    broken: bool,
+    stopping: bool,
+    retry: RetryConfig,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl AmqpSource {
+    /// Connects, declares the topology and starts consuming.
     ///
     /// # Errors
     ///
-    /// When the channel or connection fails.
+    /// [`AmqpError::QueueMismatch`] when the queue exists with other
+    /// arguments; [`AmqpError::Broker`] when the broker cannot be reached.
+    pub async fn connect(cfg: &AmqpSourceConfig) -> Result<AmqpSource, AmqpError> {
+        Ok(AmqpSource {
+            cfg: cfg.clone(),
+            link: Link::open(cfg).await?,
+            generation: 0,
+            broken: false,
+            stopping: false,
+            retry: RetryConfig::default(),
+            metrics: None,
+        })
+    }
+
+    /// Uses these backoff bounds when reconnecting.
+    pub fn with_retry(mut self, retry: RetryConfig) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Reports readiness and reconnections here.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The next delivery; `None` once the consumer was stopped. A failed
+    /// link is replaced, with backoff, before this returns.
+    ///
+    /// # Errors
+    ///
+    /// Only what reconnecting cannot fix, such as a queue that now exists
+    /// with other arguments.
     pub async fn next(&mut self) -> Option<Result<Delivery, AmqpError>> {
-        let d = match self.consumer.next().await? {
-            Ok(d) => d,
-            Err(e) => return Some(Err(AmqpError::broker("consuming failed")(e))),
+        loop {
+            if self.broken && !self.stopping {
+                if let Err(e) = self.reconnect().await {
+                    return Some(Err(e));
+                }
+            }
+            match self.link.consumer.next().await {
+                Some(Ok(d)) => return Some(Ok(self.delivery(d))),
+                Some(Err(error)) if !self.stopping => {
+                    warn!(%error, "Broker connection lost; reconnecting.");
+                    self.broken = true;
+                }
+                None if !self.stopping => {
+                    warn!("The broker cancelled the consumer; reconnecting.");
+                    self.broken = true;
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    fn delivery(&self, d: lapin::message::Delivery) -> Delivery {
+        let headers = d.properties.headers().as_ref();
+        let replayed = headers.and_then(|h| h.inner().get(REPLAYED)).is_some();
+        let original = |name: &str| {
+            headers
+                .filter(|_| replayed)
+                .and_then(|h| match h.inner().get(name) {
+                    Some(AMQPValue::LongString(s)) => {
+                        Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                    }
+                    _ => None,
+                })
         };
+        let delivery_count = headers.and_then(|h| match h.inner().get("x-delivery-count") {
+            Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).ok(),
+            Some(AMQPValue::LongInt(n)) => u32::try_from(*n).ok(),
+            Some(AMQPValue::LongUInt(n)) => Some(*n),
+            Some(AMQPValue::ShortInt(n)) => u32::try_from(*n).ok(),
+            _ => None,
+        });
         let message = Message {
             message_id: d
                 .properties
                 .message_id()
                 .as_ref()
                 .map(|s| s.as_str().to_string()),
-            exchange: d.exchange.as_str().to_string(),
-            routing_key: d.routing_key.as_str().to_string(),
+            exchange: original(ORIGINAL_EXCHANGE)
+                .unwrap_or_else(|| d.exchange.as_str().to_string()),
+            routing_key: original(ORIGINAL_ROUTING_KEY)
+                .unwrap_or_else(|| d.routing_key.as_str().to_string()),
             body: d.data,
         };
-        Some(Ok(Delivery {
+        Delivery {
             message,
             redelivered: d.redelivered,
+            delivery_count,
             properties: d.properties,
             acker: d.acker,
-        }))
+            generation: self.generation,
+        }
+    }
+
+    /// Replaces the link, retrying with backoff until the broker is back.
+    async fn reconnect(&mut self) -> Result<(), AmqpError> {
+        if let Some(m) = &self.metrics {
+            m.set_ready(false);
+        }
+        self.generation += 1;
+        let mut backoff = Backoff::new(self.retry);
+        loop {
+            match Link::open(&self.cfg).await {
+                Ok(link) => {
+                    let old = std::mem::replace(&mut self.link, link);
+                    // The old connection may be half-open; closing it makes
+                    // sure the broker requeues what it still holds.
+                    tokio::spawn(async move { old.close().await });
+                    self.broken = false;
+                    info!(
+                        attempts = backoff.attempts + 1,
+                        "Reconnected to the broker."
+                    );
+                    if let Some(m) = &self.metrics {
+                        m.reconnect("broker");
+                        m.set_ready(true);
+                    }
+                    return Ok(());
+                }
+                Err(e) if e.is_transient() => {
+                    let wait = backoff.next_delay();
+                    warn!(error = %e, retry_in = ?wait, "Reconnecting to the broker failed; retrying.");
+                    if let Some(m) = &self.metrics {
+                        m.retry("source");
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Whether a delivery came on a link that has since failed.
+    fn stale(&self, delivery: &Delivery) -> bool {
+        if delivery.generation != self.generation {
+            debug!("Delivery from a closed link; the broker has requeued it.");
+            return true;
+        }
+        false
     }
 
     /// Acknowledges a delivery: its event is committed or intentionally
-    /// dropped.
+    /// dropped. A delivery of a failed link is left alone: the broker has
+    /// put it back already.
     ///
     /// # Errors
     ///
-    /// When the channel is gone; the broker will then redeliver.
-    pub async fn ack(&self, delivery: &Delivery) -> Result<(), AmqpError> {
-        delivery
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map(drop)
-            .map_err(AmqpError::broker("cannot acknowledge a delivery"))
+    /// Never for a lost link (the message comes back); the error type is
+    /// kept for the callers' retry loop.
+    pub async fn ack(&mut self, delivery: &Delivery) -> Result<(), AmqpError> {
+        if self.stale(delivery) {
+            return Ok(());
+        }
+        if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
+            if !self.broken {
+                warn!(%error, "Acknowledging failed; the link is lost and unacknowledged messages will come back.");
+            }
+            self.broken = true;
+        }
+        Ok(())
     }
 
     /// Publishes the original message to the dead-letter exchange with the
@@ -205,32 +379,45 @@ impl AmqpSource {
     ///
     /// # Errors
     ///
-    /// When the dead letter was not confirmed; the delivery is then left
-    /// unacknowledged so it is not lost.
+    /// When the broker could not route or refused the dead letter; the
+    /// delivery is then left unacknowledged so it is not lost. A lost link
+    /// is not an error: the message comes back and is handled again.
     pub async fn dead_letter(
-        &self,
+        &mut self,
         delivery: &Delivery,
         why: &Rejection,
         key: Option<&str>,
     ) -> Result<(), AmqpError> {
+        if self.stale(delivery) {
+            return Ok(());
+        }
         let dl = &self.cfg.dead_letter;
         let props = dead_letter_properties(&delivery.properties, &delivery.message, why, key);
-        let confirm = self
-            .publish
-            .basic_publish(
-                &dl.exchange,
-                &dl.routing_key,
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &delivery.message.body,
-                props,
-            )
-            .await
-            .map_err(AmqpError::broker("cannot publish a dead letter"))?
-            .await
-            .map_err(AmqpError::broker("cannot publish a dead letter"))?;
+        let published = async {
+            self.link
+                .publish
+                .basic_publish(
+                    &dl.exchange,
+                    &dl.routing_key,
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &delivery.message.body,
+                    props,
+                )
+                .await?
+                .await
+        }
+        .await;
+        let confirm = match published {
+            Ok(c) => c,
+            Err(error) => {
+                warn!(%error, "Publishing a dead letter failed; the link is lost and the message will come back.");
+                self.broken = true;
+                return Ok(());
+            }
+        };
         match confirm {
             Confirmation::Ack(Some(_returned)) => {
                 return Err(AmqpError::Unroutable {
@@ -246,23 +433,24 @@ impl AmqpSource {
 
     /// Stops the consumer, so the broker sends nothing more. Deliveries
     /// already received can still be acknowledged.
-    pub async fn stop_consuming(&self) {
-        let tag = self.consumer.tag();
-        if let Err(error) = self
+    pub async fn stop_consuming(&mut self) {
+        self.stopping = true;
+        let tag = self.link.consumer.tag();
+        let cancel = self
+            .link
             .consume
-            .basic_cancel(tag.as_str(), BasicCancelOptions::default())
-            .await
-        {
-            debug!(%error, "Cancelling the consumer failed.");
+            .basic_cancel(tag.as_str(), BasicCancelOptions::default());
+        match tokio::time::timeout(SHUTDOWN_STEP, cancel).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => debug!(%error, "Cancelling the consumer failed."),
+            Err(_) => warn!("The broker did not confirm the consumer's cancellation in time."),
         }
     }
 
     /// Closes channels and connection. Unacknowledged deliveries go back to
     /// the queue.
     pub async fn close(self) {
-        let _ = self.publish.close(200, "weir shutting down").await;
-        let _ = self.consume.close(200, "weir shutting down").await;
-        let _ = self.connection.close(200, "weir shutting down").await;
+        self.link.close().await;
         info!("Disconnected from the broker.");
     }
 }
@@ -333,6 +521,18 @@ fn queue_arguments(cfg: &AmqpSourceConfig) -> FieldTable {
         ShortString::from("x-dead-letter-routing-key"),
         AMQPValue::LongString(LongString::from(dl.routing_key.as_str())),
     );
+    if cfg.queue_type == QueueType::Quorum {
+        args.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+        if let Some(limit) = cfg.effective_delivery_limit() {
+            args.insert(
+                ShortString::from("x-delivery-limit"),
+                AMQPValue::LongInt(i32::try_from(limit).unwrap_or(i32::MAX)),
+            );
+        }
+    }
     args
 }
 
@@ -414,10 +614,242 @@ fn dead_letter_properties(
     put("x-weir-reason", &why.reason);
     put("x-weir-reason-class", why.class.as_str());
     put("x-weir-stage", &why.stage);
-    put("x-weir-original-exchange", &message.exchange);
-    put("x-weir-original-routing-key", &message.routing_key);
+    put(ORIGINAL_EXCHANGE, &message.exchange);
+    put(ORIGINAL_ROUTING_KEY, &message.routing_key);
     if let Some(key) = key {
         put("x-weir-event-key", key);
     }
     original.clone().with_headers(headers).with_delivery_mode(2)
+}
+
+/// Which dead letters `weir replay` sends back. Empty fields match all.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayFilter {
+    /// Text the `x-weir-reason` header must contain.
+    pub reason: Option<String>,
+    /// The `x-weir-reason-class` (`schema`, `plugin`, ...), or the broker's
+    /// own reason (`expired`, `delivery_limit`) for messages it
+    /// dead-lettered itself.
+    pub class: Option<String>,
+    /// The body's `event_type`.
+    pub event_type: Option<String>,
+}
+
+/// What `weir replay` did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Sent back to the pipeline's queue.
+    pub replayed: u64,
+    /// Left in the dead-letter queue because they did not match.
+    pub kept: u64,
+}
+
+/// Sends matching dead letters back into the pipeline's queue (through the
+/// default exchange, so no other consumer of the original exchange sees
+/// them twice), keeping their original exchange and routing key in headers
+/// for the row. Each is published with a confirm before it is removed from
+/// the dead-letter queue; the ones that do not match stay, in their order.
+/// Those that fail again are dead-lettered again by the running pipeline.
+///
+/// # Errors
+///
+/// When the broker cannot be reached or refuses a publish; what was not
+/// yet confirmed stays in the dead-letter queue.
+pub async fn replay(
+    cfg: &AmqpSourceConfig,
+    filter: &ReplayFilter,
+) -> Result<ReplayReport, AmqpError> {
+    let props = ConnectionProperties::default()
+        .with_connection_name(format!("{}-replay", cfg.connection_name).into());
+    let connection = Connection::connect(&cfg.url, props)
+        .await
+        .map_err(AmqpError::broker(format!(
+            "cannot connect to the broker at {}",
+            redact_url(&cfg.url)
+        )))?;
+    let ch = connection
+        .create_channel()
+        .await
+        .map_err(AmqpError::broker("cannot open a channel"))?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(AmqpError::broker("cannot turn on publisher confirms"))?;
+    let dlq = &cfg.dead_letter.queue;
+    let waiting = ch
+        .queue_declare(
+            dlq,
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(AmqpError::broker(format!(
+            "cannot find dead-letter queue `{dlq}`"
+        )))?
+        .message_count();
+
+    let mut report = ReplayReport::default();
+    for _ in 0..waiting {
+        let got = ch
+            .basic_get(dlq, lapin::options::BasicGetOptions { no_ack: false })
+            .await
+            .map_err(AmqpError::broker(format!(
+                "cannot read dead-letter queue `{dlq}`"
+            )))?;
+        let Some(msg) = got else { break };
+        let d = msg.delivery;
+        if !matches_filter(&d, filter) {
+            // Left unacknowledged until the channel closes, so it goes back
+            // to the queue and is not handed to us again in this loop.
+            report.kept += 1;
+            continue;
+        }
+        let confirm = ch
+            .basic_publish(
+                "",
+                &cfg.queue,
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &d.data,
+                replay_properties(&d.properties, &d.exchange, &d.routing_key),
+            )
+            .await
+            .map_err(AmqpError::broker("cannot replay a dead letter"))?
+            .await
+            .map_err(AmqpError::broker("cannot replay a dead letter"))?;
+        match confirm {
+            Confirmation::Ack(Some(_)) => {
+                return Err(AmqpError::Unroutable {
+                    exchange: String::new(),
+                    routing_key: cfg.queue.clone(),
+                })
+            }
+            Confirmation::Nack(_) => return Err(AmqpError::Nacked(String::new())),
+            _ => {}
+        }
+        d.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(AmqpError::broker("cannot remove a replayed dead letter"))?;
+        report.replayed += 1;
+    }
+    let _ = ch.close(200, "replay done").await;
+    let _ = connection.close(200, "replay done").await;
+    Ok(report)
+}
+
+fn header_text(h: &FieldTable, name: &str) -> Option<String> {
+    match h.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+/// The first `x-death` entry's table: where the broker dead-lettered a
+/// message from, and why.
+fn first_death(h: &FieldTable) -> Option<&FieldTable> {
+    let AMQPValue::FieldArray(deaths) = h.inner().get("x-death")? else {
+        return None;
+    };
+    match deaths.as_slice().first()? {
+        AMQPValue::FieldTable(t) => Some(t),
+        _ => None,
+    }
+}
+
+fn matches_filter(d: &lapin::message::Delivery, filter: &ReplayFilter) -> bool {
+    let empty = FieldTable::default();
+    let h = d.properties.headers().as_ref().unwrap_or(&empty);
+    let class = header_text(h, "x-weir-reason-class")
+        .or_else(|| first_death(h).and_then(|t| header_text(t, "reason")));
+    if let Some(want) = &filter.class {
+        if class.as_deref() != Some(want.as_str()) {
+            return false;
+        }
+    }
+    if let Some(want) = &filter.reason {
+        if !header_text(h, "x-weir-reason").is_some_and(|r| r.contains(want.as_str())) {
+            return false;
+        }
+    }
+    if let Some(want) = &filter.event_type {
+        let event_type = serde_json::from_slice::<serde_json::Value>(&d.data)
+            .ok()
+            .and_then(|v| v.get("event_type")?.as_str().map(str::to_string));
+        if event_type.as_deref() != Some(want.as_str()) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Properties of a replayed message: the original ones without weir's
+/// reason headers and the broker's `x-death`, with the original exchange
+/// and routing key kept and a replay count.
+fn replay_properties(
+    props: &AMQPProperties,
+    dl_exchange: &ShortString,
+    dl_routing_key: &ShortString,
+) -> AMQPProperties {
+    let old = props.headers().clone().unwrap_or_default();
+    let death = first_death(&old).cloned();
+    let mut headers = FieldTable::default();
+    let mut replays = 1i64;
+    for (k, v) in old.inner() {
+        match k.as_str() {
+            "x-weir-reason"
+            | "x-weir-reason-class"
+            | "x-weir-stage"
+            | "x-death"
+            | "x-first-death-exchange"
+            | "x-first-death-queue"
+            | "x-first-death-reason"
+            | "x-delivery-count" => {}
+            REPLAYED => {
+                if let AMQPValue::LongLongInt(n) = v {
+                    replays = n.saturating_add(1);
+                }
+            }
+            _ => {
+                headers.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    // A message the broker dead-lettered itself (expired, delivery limit)
+    // has no weir headers: its origin is in `x-death`.
+    if header_text(&headers, ORIGINAL_EXCHANGE).is_none() {
+        let (ex, rk) = match &death {
+            Some(t) => (
+                header_text(t, "exchange").unwrap_or_default(),
+                match t.inner().get("routing-keys") {
+                    Some(AMQPValue::FieldArray(keys)) => match keys.as_slice().first() {
+                        Some(AMQPValue::LongString(s)) => {
+                            String::from_utf8_lossy(s.as_bytes()).into_owned()
+                        }
+                        _ => String::new(),
+                    },
+                    _ => String::new(),
+                },
+            ),
+            None => (
+                dl_exchange.as_str().to_string(),
+                dl_routing_key.as_str().to_string(),
+            ),
+        };
+        headers.insert(
+            ShortString::from(ORIGINAL_EXCHANGE),
+            AMQPValue::LongString(LongString::from(ex.as_str())),
+        );
+        headers.insert(
+            ShortString::from(ORIGINAL_ROUTING_KEY),
+            AMQPValue::LongString(LongString::from(rk.as_str())),
+        );
+    }
+    headers.insert(ShortString::from(REPLAYED), AMQPValue::LongLongInt(replays));
+    props.clone().with_headers(headers)
 }

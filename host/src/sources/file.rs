@@ -139,7 +139,7 @@ impl FileSource {
                 path: PathBuf::from(&input),
                 source,
             })?;
-        info!(input = %input, follow = cfg.follow, "Reading events from a file.");
+        info!(input = %input, follow, "Reading events from a file.");
         Ok(FileSource {
             input,
             lines,
@@ -385,5 +385,101 @@ impl DeadLetterFile {
         let mut file = self.file.lock().await;
         file.write_all(&line).await.map_err(write_err)?;
         file.flush().await.map_err(write_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FileDeadLetterConfig;
+    use crate::event::ReasonClass;
+
+    type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+    fn config(input: &str, follow: bool) -> FileSourceConfig {
+        FileSourceConfig {
+            path: PathBuf::from(input),
+            follow,
+            poll_interval: Duration::from_millis(10),
+            dead_letter: FileDeadLetterConfig {
+                path: PathBuf::from("dead.ndjson"),
+            },
+        }
+    }
+
+    async fn take(source: &mut FileSource) -> Result<(u64, String)> {
+        let d = source.next().await.ok_or("source ended early")??;
+        Ok((d.line, String::from_utf8(d.message.body)?))
+    }
+
+    #[tokio::test]
+    async fn lines_are_numbered_as_in_the_file_and_empty_ones_skipped() -> Result {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("in.ndjson"), "a\r\n\n  \nb\nc")?;
+        let mut source = FileSource::open(&config("in.ndjson", false), dir.path())?;
+        assert_eq!(take(&mut source).await?, (1, "a".into()));
+        assert_eq!(take(&mut source).await?, (4, "b".into()));
+        assert_eq!(take(&mut source).await?, (5, "c".into()));
+        assert!(source.next().await.is_none());
+        let d = source.next().await;
+        assert!(d.is_none(), "stays ended");
+        source.close().await;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn dead_letter_is_one_json_line_with_the_line_number() -> Result {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("in.ndjson"), b"ok\n\xffbad\n")?;
+        let mut source = FileSource::open(&config("in.ndjson", false), dir.path())?;
+        let _ = source.next().await;
+        let d = source.next().await.ok_or("no second line")??;
+        let why = Rejection::new(ReasonClass::Decode, "decode", "body is not UTF-8");
+        source.dead_letter(&d, &why, None).await?;
+        let text = std::fs::read_to_string(dir.path().join("dead.ndjson"))?;
+        let v: serde_json::Value = serde_json::from_str(text.trim_end())?;
+        assert_eq!(v["line"], 2);
+        assert_eq!(v["class"], "decode");
+        assert_eq!(v["stage"], "decode");
+        assert_eq!(v["reason"], "body is not UTF-8");
+        assert_eq!(v["key"], serde_json::Value::Null);
+        assert_eq!(v["body"], "\u{FFFD}bad");
+        assert_eq!(v["body_hex"], "ff626164");
+        assert!(v["source"]
+            .as_str()
+            .is_some_and(|s| s.ends_with("in.ndjson")));
+        source.close().await;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn follow_waits_for_appended_and_completed_lines() -> Result {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("in.ndjson");
+        std::fs::write(&path, "one\ntw")?;
+        let mut source = FileSource::open(&config("in.ndjson", true), dir.path())?;
+        assert_eq!(take(&mut source).await?, (1, "one".into()));
+        let pending = tokio::time::timeout(Duration::from_millis(100), source.next()).await;
+        assert!(
+            pending.is_err(),
+            "a line without its newline is not handed out yet"
+        );
+        let mut f = std::fs::OpenOptions::new().append(true).open(&path)?;
+        std::io::Write::write_all(&mut f, b"o\nthree\n")?;
+        assert_eq!(take(&mut source).await?, (2, "two".into()));
+        assert_eq!(take(&mut source).await?, (3, "three".into()));
+        source.stop();
+        source.close().await;
+        Ok(())
+    }
+
+    #[test]
+    fn missing_input_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = FileSource::open(&config("nope.ndjson", false), dir.path())
+            .err()
+            .expect("a missing file must be refused")
+            .to_string();
+        assert!(err.contains("nope.ndjson"), "{err}");
     }
 }

@@ -49,19 +49,25 @@ pub trait Source {
     fn message(d: &Self::Delivery) -> &Message;
 
     /// Settles deliveries whose events were stored or dropped.
-    async fn ack(&self, d: &Self::Delivery) -> Result<(), SourceError>;
+    async fn ack(&mut self, d: &Self::Delivery) -> Result<(), SourceError>;
 
     /// Sends the original message where dead letters go, with the reason,
     /// then settles the delivery.
     async fn dead_letter(
-        &self,
+        &mut self,
         d: &Self::Delivery,
         why: &Rejection,
         key: Option<&str>,
     ) -> Result<(), SourceError>;
 
+    /// How often this delivery was delivered before, where the source
+    /// keeps count.
+    fn delivery_count(_d: &Self::Delivery) -> Option<u32> {
+        None
+    }
+
     /// Asks for no more deliveries.
-    async fn stop(&self);
+    async fn stop(&mut self);
 
     /// Closes the source; unsettled deliveries are redelivered later.
     async fn close(self);
@@ -82,12 +88,16 @@ impl Source for amqp::AmqpSource {
         &d.message
     }
 
-    async fn ack(&self, d: &Self::Delivery) -> Result<(), SourceError> {
+    fn delivery_count(d: &Self::Delivery) -> Option<u32> {
+        d.delivery_count
+    }
+
+    async fn ack(&mut self, d: &Self::Delivery) -> Result<(), SourceError> {
         Ok(amqp::AmqpSource::ack(self, d).await?)
     }
 
     async fn dead_letter(
-        &self,
+        &mut self,
         d: &Self::Delivery,
         why: &Rejection,
         key: Option<&str>,
@@ -95,7 +105,7 @@ impl Source for amqp::AmqpSource {
         Ok(amqp::AmqpSource::dead_letter(self, d, why, key).await?)
     }
 
-    async fn stop(&self) {
+    async fn stop(&mut self) {
         self.stop_consuming().await;
     }
 
@@ -121,12 +131,12 @@ impl Source for file::FileSource {
         &d.message
     }
 
-    async fn ack(&self, _d: &Self::Delivery) -> Result<(), SourceError> {
+    async fn ack(&mut self, _d: &Self::Delivery) -> Result<(), SourceError> {
         Ok(())
     }
 
     async fn dead_letter(
-        &self,
+        &mut self,
         d: &Self::Delivery,
         why: &Rejection,
         key: Option<&str>,
@@ -134,7 +144,7 @@ impl Source for file::FileSource {
         Ok(file::FileSource::dead_letter(self, d, why, key).await?)
     }
 
-    async fn stop(&self) {
+    async fn stop(&mut self) {
         file::FileSource::stop(self);
     }
 

@@ -301,6 +301,8 @@ impl WasmTransform {
         } else if let Some(Trap::OutOfFuel) = error.downcast_ref::<Trap>() {
             format!("plugin `{name}` ran out of fuel (limit {})", self.fuel)
         } else if let Some(trap) = error.downcast_ref::<Trap>() {
+            let trap = trap.to_string();
+            let trap = trap.strip_prefix("wasm trap: ").unwrap_or(&trap);
             format!("plugin `{name}` trapped: {trap}")
         } else if let Some(exit) = error.downcast_ref::<I32Exit>() {
             format!("plugin `{name}` exited with status {}", exit.0)
@@ -328,7 +330,11 @@ impl WasmTransform {
         self.live = None;
         match self.start() {
             Ok(live) => {
-                tracing::debug!(plugin = %self.name, reason = %why, "Plugin restarted after a failed call.");
+                tracing::debug!(
+                    plugin = %self.name,
+                    reason = %why,
+                    "Plugin restarted after a failed call."
+                );
                 self.live = Some(live);
             }
             Err(error) => {
@@ -919,6 +925,7 @@ mod tests {
     fn validate_rejects_future_timestamps_and_bad_ids_and_passes_old_events() -> anyhow::Result<()>
     {
         let mut t = load("validate", json!({ "max_future_skew": "5m" }))?;
+        // A normal event is from 2020: old events pass.
         serves_next(&mut t)?;
 
         let mut future = normal();
@@ -1017,50 +1024,5 @@ mod tests {
     fn transform_can_move_between_threads() {
         fn send<T: Send>() {}
         send::<WasmTransform>();
-    }
-
-    #[test]
-    fn zz_call_cost() -> anyhow::Result<()> {
-        for (name, cfg) in [
-            ("filter", json!({ "drop_types": ["x"] })),
-            ("validate", json!({})),
-            ("enrich", json!({ "redact": ["email"], "redact_key": "k" })),
-        ] {
-            let mut t = load(name, cfg)?;
-            let mut proto = event(json!({
-                "event_type": "user.login_failed", "service": "auth-service", "version": "1.0",
-                "timestamp": "2026-11-29T16:01:15.135Z",
-                "payload": { "organization_id": "0b6f4e2a-1c3d-4e5f-8a9b-0c1d2e3f4a5b",
-                             "user_id": "0b6f4e2a-1c3d-4e5f-8a9b-0c1d2e3f4a5c",
-                             "email": "ann@example.com", "reason": "bad_password", "attempt": 2 },
-                "metadata": { "correlation_id": "0b6f4e2a-1c3d-4e5f-8a9b-0c1d2e3f4a5d",
-                              "user_id": "0b6f4e2a-1c3d-4e5f-8a9b-0c1d2e3f4a5e",
-                              "ip_address": "203.0.113.7",
-                              "user_agent": "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0",
-                              "event_id": "0b6f4e2a-1c3d-4e5f-8a9b-0c1d2e3f4a5f" },
-            }));
-            for _ in 0..200 {
-                let mut e = proto.clone();
-                t.apply(&mut e);
-            }
-            let n = 5000;
-            let started = Instant::now();
-            for _ in 0..n {
-                let mut e = proto.clone();
-                t.apply(&mut e);
-            }
-            let per = started.elapsed() / n;
-            let live = t.live.as_mut().unwrap();
-            live.store.set_fuel(50_000_000)?;
-            let mut e = proto.clone();
-            t.apply(&mut e);
-            let left = t.live.as_ref().unwrap().store.get_fuel()?;
-            eprintln!(
-                "COST {name}: {per:?} per event, fuel used {}",
-                50_000_000 - left
-            );
-            proto.body.clear();
-        }
-        Ok(())
     }
 }
