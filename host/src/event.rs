@@ -153,7 +153,14 @@ impl Event {
     }
 }
 
-fn check_envelope(body: &Map<String, Value>) -> Result<(), Rejection> {
+/// Checks the fields every stage relies on: a non-empty string
+/// `event_type` and `service`, an object `payload`, and `metadata` absent or
+/// an object.
+///
+/// # Errors
+///
+/// A [`ReasonClass::Decode`] rejection naming the first field at fault.
+pub fn check_envelope(body: &Map<String, Value>) -> Result<(), Rejection> {
     for field in ["event_type", "service"] {
         match body.get(field) {
             Some(Value::String(s)) if !s.is_empty() => {}

@@ -10,6 +10,7 @@
 //! expect = "stored"                    # or "dead_lettered", "dropped"
 //! fields = { "metadata.severity" = "low", "@key" = "5b0f..." }
 //! absent = ["payload.email"]           # paths that must not be there
+//! excludes = ["@example.com"]          # text found nowhere in the event
 //!
 //! [[case]]
 //! name = "a malformed date-time is dead-lettered"
@@ -60,6 +61,8 @@ struct Case {
     fields: toml::Table,
     #[serde(default)]
     absent: Vec<String>,
+    #[serde(default)]
+    excludes: Vec<String>,
     #[serde(default)]
     reason: Option<String>,
     #[serde(default)]
@@ -177,6 +180,12 @@ fn check_fields(case: &Case, event: &Event) -> Result<(), String> {
             Some(got) if got == want => {}
             Some(got) => problems.push(format!("`{path}` is {got}, expected {want}")),
             None => problems.push(format!("`{path}` is missing, expected {want}")),
+        }
+    }
+    let text = serde_json::to_string(&event.body).unwrap_or_default();
+    for needle in &case.excludes {
+        if text.contains(needle.as_str()) {
+            problems.push(format!("the event still contains {needle:?}"));
         }
     }
     for path in &case.absent {

@@ -576,6 +576,65 @@ mod tests {
         }
     }
 
+    /// A `Metrics` in which every metric has at least one series.
+    fn every_metric_touched() -> Metrics {
+        let m = Metrics::new(HashSet::from(["order.created".to_string()]));
+        let why = Rejection::new(ReasonClass::Decode, "source", "not JSON");
+        m.decoded("made.up");
+        m.finished("order.created", Status::Stored, Instant::now());
+        m.dead_lettered("", None, &why, Instant::now());
+        m.duplicate("order.created", "k", Instant::now());
+        m.stage("source", StageOutcome::Ok, Duration::ZERO);
+        m.plugin("enrich", Duration::ZERO);
+        m.committed(1, Duration::ZERO);
+        m.retry("postgres");
+        m.reconnect("broker");
+        m.set_queue_depth("q", 0);
+        m
+    }
+
+    /// The dashboard and the README name only metrics weir exposes, and
+    /// the README names them all.
+    #[test]
+    fn dashboard_and_readme_agree_with_the_registry() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let rendered = every_metric_touched().render();
+        let exposed: HashSet<&str> = rendered
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        let dashboard = std::fs::read_to_string(root.join("dashboards/weir.json"))
+            .expect("dashboards/weir.json is readable");
+        let _: serde_json::Value =
+            serde_json::from_str(&dashboard).expect("dashboards/weir.json is JSON");
+        let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+        for name in metric_names(&dashboard) {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            assert!(
+                exposed.contains(base),
+                "the dashboard uses unknown metric {name}"
+            );
+        }
+        for name in &exposed {
+            assert!(
+                readme.contains(&format!("`{name}`")),
+                "README.md does not list {name}"
+            );
+        }
+    }
+
+    /// Words in `text` that look like weir's metric names.
+    fn metric_names(text: &str) -> HashSet<String> {
+        text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("weir_") || w.starts_with("audit_"))
+            .map(str::to_string)
+            .collect()
+    }
+
     #[test]
     fn rate_limit_holds_back_past_the_burst() {
         let r = RateLimit::new(2, Duration::from_secs(60));

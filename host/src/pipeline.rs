@@ -25,6 +25,7 @@ use crate::config::{BatchConfig, KeySource, Pipeline, RetryConfig, SourceConfig}
 use crate::event::{Event, ReasonClass, Rejection};
 use crate::metrics::{Metrics, StageOutcome, Status};
 use crate::retry::Backoff;
+use crate::sinks::probe::SinkProbe;
 use crate::sinks::{RowOutcome, Sink, SinkError};
 use crate::sources::amqp::AmqpSource;
 use crate::sources::file::FileSource;
@@ -118,6 +119,7 @@ async fn drive<S: Source>(
         SourceConfig::Amqp(cfg) => Some(QueueDepthProbe::spawn(cfg, metrics.clone())),
         _ => None,
     };
+    let _sink_probe = SinkProbe::spawn(&sink, metrics.clone());
     info!(pipeline = %pipeline.path.display(), transforms = chain.stages().len(), "Pipeline started.");
     metrics.set_sink_ready(true);
     metrics.set_ready(true);

@@ -12,9 +12,8 @@ const ROWS_LIMIT: Duration = Duration::from_secs(60);
 
 async fn store_file_twice(text: &str, test: &str) -> Result {
     let env = TestEnv::new(test).await?;
-    // The schema check is on, as in audit.toml: every sample event passes.
-    let schema = schema_transform("dead_letter", "dead_letter");
-    let path = env.write_pipeline(&env.pipeline_text("", "", &schema))?;
+    // The checks of audit.toml are on: every sample event passes them.
+    let path = env.write_pipeline(&env.pipeline_text("", "", &audit_transforms()?))?;
     let weir = env.spawn(&path)?;
     weir.wait_started(Duration::from_secs(30)).await?;
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();

@@ -5,6 +5,7 @@
 mod audit;
 mod local;
 mod ops;
+mod plugins;
 mod proxy;
 mod reliability;
 mod schemas;

@@ -455,6 +455,20 @@ pub fn schema_transform(on_missing: &str, on_invalid: &str) -> String {
     )
 }
 
+/// The `[[transforms]]` of pipelines/audit.toml, with their paths made
+/// absolute, so a test pipeline runs exactly the audit checks.
+pub fn audit_transforms() -> Result<String> {
+    let text = std::fs::read_to_string(project_root().join("pipelines/audit.toml"))?;
+    let start = text
+        .find("[[transforms]]")
+        .ok_or("audit.toml has transforms")?;
+    let end = text
+        .find("[idempotency]")
+        .ok_or("audit.toml has [idempotency]")?;
+    let root = project_root().canonicalize()?;
+    Ok(text[start..end].replace("\"../", &format!("\"{}/", root.display())))
+}
+
 /// Runs the `weir` binary to completion with `args`, returning its exit
 /// status, standard output and standard error.
 pub fn weir_cmd(args: &[&str]) -> Result<(std::process::ExitStatus, String, String)> {

@@ -6,6 +6,8 @@
 //! - `blackhole`: counts and acknowledges, stores nothing; for measuring
 //!   the rest of a pipeline.
 //!
+//! [`probe`] checks that the sink's database answers, for readiness.
+//!
 //! [`row`] holds what the databases share: an event's row and its value
 //! rules, and [`RowOutcome`].
 //!
@@ -15,6 +17,7 @@
 
 pub mod console;
 pub mod postgres;
+pub mod probe;
 pub mod row;
 pub mod sqlite;
 

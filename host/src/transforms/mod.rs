@@ -11,7 +11,7 @@ pub mod schema;
 pub mod wasm;
 
 use crate::config::{Pipeline, TransformConfig};
-use crate::event::{Event, Rejection};
+use crate::event::{check_envelope, Event, ReasonClass, Rejection};
 
 /// What a transform decided for one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,10 +54,28 @@ impl Transform {
     }
 
     /// Runs the stage on one event.
+    ///
+    /// A plugin's event must still have the envelope every later stage
+    /// relies on (`event_type`, `service`, `payload`); one that lost it is
+    /// the plugin's fault and fails that event.
     pub fn apply(&mut self, event: &mut Event) -> Verdict {
         match self {
             Transform::Schema(s) => s.apply(event),
-            Transform::Wasm(w) => w.apply(event),
+            Transform::Wasm(w) => match w.apply(event) {
+                Verdict::Keep => match check_envelope(&event.body) {
+                    Ok(()) => Verdict::Keep,
+                    Err(why) => Verdict::Reject(Rejection::new(
+                        ReasonClass::Plugin,
+                        w.name(),
+                        format!(
+                            "plugin `{}` returned an event without a valid envelope: {}",
+                            w.name(),
+                            why.reason
+                        ),
+                    )),
+                },
+                other => other,
+            },
         }
     }
 }
@@ -107,13 +125,7 @@ impl Chain {
 
     /// Runs the event through every stage until one does not keep it.
     pub fn apply(&mut self, event: &mut Event) -> Verdict {
-        for stage in &mut self.stages {
-            match stage.apply(event) {
-                Verdict::Keep => {}
-                other => return other,
-            }
-        }
-        Verdict::Keep
+        self.apply_observed(event, |_, _, _| {})
     }
 
     /// Like [`Chain::apply`], and tells `observe` how long each stage took
