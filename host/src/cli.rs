@@ -26,7 +26,12 @@ pub struct Cli {
     /// Address of the HTTP listener that serves /metrics, /health and
     /// /ready during `weir run`, e.g. 0.0.0.0:9598 to be scraped from other
     /// hosts; `off` or empty for none; port 0 picks a free port.
-    #[arg(long, global = true, env = "WEIR_METRICS_ADDR", default_value = crate::http::DEFAULT_ADDR)]
+    #[arg(
+        long,
+        global = true,
+        env = "WEIR_METRICS_ADDR",
+        default_value = crate::http::DEFAULT_ADDR
+    )]
     pub metrics_addr: ListenAddr,
     #[command(subcommand)]
     pub command: Command,

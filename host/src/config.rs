@@ -551,15 +551,15 @@ pub struct AmqpSourceConfig {
     /// Changing it on an existing queue makes weir refuse to start.
     #[serde(default)]
     pub queue_type: QueueType,
-    /// Most deliveries of one message before weir dead-letters it as a
-    /// poison message (class `delivery_limit`), counted by the broker's
-    /// `x-delivery-count` on quorum queues. On a quorum queue it is also
-    /// declared as `x-delivery-limit`, so the broker dead-letters the
-    /// message itself should weir die on it every time. Default 5 for
-    /// quorum queues; classic queues keep no count, see the README's
-    /// limits.
-    #[serde(default)]
-    pub delivery_limit: Option<u32>,
+    /// Most deliveries of one message; the next one is dead-lettered as a
+    /// poison message (class `delivery_limit`). Quorum queues count with
+    /// `x-delivery-count`, and the limit is also declared as their
+    /// `x-delivery-limit`, so the broker sets the message aside itself
+    /// should weir die on it every time. On classic queues, which keep no
+    /// count, weir counts redelivered messages in the sink's database
+    /// (`weir_redeliveries`), or in memory for sinks without one. Default 5.
+    #[serde(default = "default_delivery_limit")]
+    pub delivery_limit: u32,
     /// Exchanges the queue is bound to. Default: none (the queue only gets
     /// what is published to it directly).
     #[serde(default)]
@@ -579,14 +579,9 @@ pub enum QueueType {
 }
 
 impl AmqpSourceConfig {
-    /// The delivery limit in force: the configured one, or 5 on a quorum
-    /// queue.
+    /// The delivery limit in force.
     pub fn effective_delivery_limit(&self) -> Option<u32> {
-        match (self.delivery_limit, self.queue_type) {
-            (Some(n), _) => Some(n),
-            (None, QueueType::Quorum) => Some(5),
-            (None, QueueType::Classic) => None,
-        }
+        Some(self.delivery_limit)
     }
 }
 
@@ -954,6 +949,9 @@ fn default_fuel() -> u64 {
 }
 fn default_max_memory() -> u64 {
     32 << 20
+}
+fn default_delivery_limit() -> u32 {
+    5
 }
 fn default_true() -> bool {
     true

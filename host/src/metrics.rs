@@ -12,10 +12,11 @@
 //! `audit_processing_duration_seconds`.
 //!
 //! Readiness is the conjunction of two flags, `broker` (connected and
-//! consuming; [`Metrics::set_ready`]) and `sink` (its last write went through
-//! or none failed yet; [`Metrics::set_sink_ready`]). Whoever notices a
-//! connection drop or its return flips its flag; `/ready` in [`crate::http`]
-//! and the `weir_ready` gauge read both.
+//! consuming; [`Metrics::set_ready`]) and `sink` (the database answers;
+//! [`Metrics::set_sink_ready`], from batch writes and from the idle probe in
+//! [`crate::sinks::probe`]). Whoever notices a connection drop or its return
+//! flips its flag; `/ready` in [`crate::http`] and the `weir_ready` gauge
+//! read both.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -417,7 +418,8 @@ impl Metrics {
     }
 
     /// Whether the sink can write: false after a write failed for the whole
-    /// batch (database unreachable), true again once one went through.
+    /// batch or the database probe got no answer, true again once a write
+    /// or a probe went through.
     pub fn set_sink_ready(&self, ready: bool) {
         self.set_up(SINK, ready);
     }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::time::sleep_until;
-use tracing::{error, info, instrument, trace, warn};
+use tracing::{debug, error, info, instrument, trace, warn};
 
 use crate::config::{BatchConfig, KeySource, Pipeline, RetryConfig, SourceConfig};
 use crate::event::{Event, ReasonClass, Rejection};
@@ -135,6 +135,7 @@ async fn drive<S: Source>(
             SourceConfig::Amqp(a) => a.effective_delivery_limit(),
             _ => None,
         },
+        redeliveries: Default::default(),
         batch: Batch::default(),
         summary: Summary::default(),
     };
@@ -195,6 +196,9 @@ struct Runner<S: Source> {
     batch_cfg: BatchConfig,
     retry: RetryConfig,
     delivery_limit: Option<u32>,
+    /// Deliveries of redelivered messages, by key, when the sink cannot
+    /// count them.
+    redeliveries: std::collections::HashMap<String, u32>,
     batch: Batch<S::Delivery>,
     summary: Summary,
 }
@@ -242,7 +246,7 @@ impl<S: Source> Runner<S> {
         let received = Instant::now();
         self.summary.received += 1;
         let decoded = Event::decode(S::message(&delivery), &self.key);
-        if let Some(why) = self.over_delivery_limit(&delivery) {
+        if let Some(why) = self.over_delivery_limit(&delivery, &decoded).await {
             let (event_type, key) = match &decoded {
                 Ok(e) => (e.event_type().to_string(), Some(e.key.as_str())),
                 Err(_) => (String::new(), None),
@@ -365,6 +369,13 @@ impl<S: Source> Runner<S> {
                 }
             }
         }
+        let settled: Vec<&str> = events
+            .iter()
+            .zip(&pending)
+            .filter(|(_, p)| S::redelivered(&p.delivery))
+            .map(|(e, _)| e.key.as_str())
+            .collect();
+        self.forget_redeliveries(&settled).await;
         Ok(())
     }
 
@@ -388,23 +399,62 @@ impl<S: Source> Runner<S> {
         Ok(())
     }
 
-    /// A poison message: one the broker has delivered `delivery_limit`
-    /// times already without it being settled (weir died on it, say). It is
-    /// dead-lettered before any stage sees it again.
-    fn over_delivery_limit(&self, delivery: &S::Delivery) -> Option<Rejection> {
+    /// A poison message: one delivered more than `delivery_limit` times
+    /// without being settled (weir died on it, say). It is dead-lettered
+    /// before any stage sees it again. The count is the broker's where the
+    /// queue keeps one (quorum queues); otherwise redeliveries are counted
+    /// in the sink's database, so the count survives weir dying, or in
+    /// memory for sinks without one.
+    async fn over_delivery_limit(
+        &mut self,
+        delivery: &S::Delivery,
+        decoded: &Result<Event, Rejection>,
+    ) -> Option<Rejection> {
         let limit = self.delivery_limit?;
-        let count = S::delivery_count(delivery)?;
-        (count >= limit).then(|| {
+        let deliveries = match S::delivery_count(delivery) {
+            Some(before) => before.saturating_add(1),
+            None if S::redelivered(delivery) => {
+                let key = &decoded.as_ref().ok()?.key;
+                match self.sink.count_redelivery(key).await {
+                    Ok(Some(n)) => n,
+                    Ok(None) => {
+                        let n = self.redeliveries.entry(key.clone()).or_insert(1);
+                        *n += 1;
+                        *n
+                    }
+                    Err(error) => {
+                        warn!(%error, "Cannot count a redelivery; handling the message anyway.");
+                        return None;
+                    }
+                }
+            }
+            None => return None,
+        };
+        (deliveries > limit).then(|| {
             Rejection::new(
                 ReasonClass::DeliveryLimit,
                 "source",
                 format!(
-                    "delivered {} times, past the delivery limit of {limit}; set aside as a \
-                     poison message",
-                    u64::from(count) + 1
+                    "delivered {deliveries} times, past the delivery limit of {limit}; set aside \
+                     as a poison message"
                 ),
             )
         })
+    }
+
+    /// Forgets the delivery counts of redelivered events that are now
+    /// stored. Best effort: a count left behind only matters if the same
+    /// event is delivered again.
+    async fn forget_redeliveries(&mut self, keys: &[&str]) {
+        if keys.is_empty() {
+            return;
+        }
+        for k in keys {
+            self.redeliveries.remove(*k);
+        }
+        if let Err(error) = self.sink.forget_redeliveries(keys).await {
+            debug!(%error, "Cannot forget delivery counts.");
+        }
     }
 
     /// Acknowledges a delivery, retrying while the failure is transient.

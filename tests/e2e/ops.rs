@@ -16,6 +16,9 @@ use crate::support::*;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
+/// Reconnect and retry quickly, so an outage ends soon after its cause.
+const FAST_RETRY: &str = "\n[retry]\ninitial = \"100ms\"\nmax = \"1s\"\n";
+
 /// One HTTP GET; the status code and the body.
 async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).await?;
@@ -109,7 +112,9 @@ async fn wait_ready_status(addr: SocketAddr, want: u16, limit: Duration) -> Resu
 #[tokio::test]
 async fn consumed_counters_match_the_table_and_the_dead_letter_queue() -> Result {
     let env = TestEnv::new("ops_counts").await?;
-    let transforms = schema_transform("store", "dead_letter");
+    // The audit pipeline's own checks: the validate plugin, the schemas,
+    // the enrich plugin.
+    let transforms = audit_transforms()?;
     let path = env.write_pipeline(&env.pipeline_text("", "", &transforms))?;
     let weir = env.spawn(&path)?;
     let addr = weir.metrics_addr(Duration::from_secs(30)).await?;
@@ -192,18 +197,33 @@ async fn consumed_counters_match_the_table_and_the_dead_letter_queue() -> Result
         ),
         4
     );
-    assert_eq!(
-        total(&metrics, "weir_stage_events_total", &[("stage", "schema")]),
-        published - 4
-    );
-    assert_eq!(
-        total(&metrics, "weir_stage_events_total", &[("stage", "sink")]),
-        stored + duplicates
-    );
+    // Every decoded event enters the first transform; each later stage
+    // gets what the one before kept.
+    let stage = |name, outcome| {
+        total(
+            &metrics,
+            "weir_stage_events_total",
+            &[("stage", name), ("outcome", outcome)],
+        )
+    };
+    let entered = |name| total(&metrics, "weir_stage_events_total", &[("stage", name)]);
+    assert_eq!(entered("validate"), published - 4);
+    assert_eq!(entered("schema"), stage("validate", "ok"));
+    assert_eq!(entered("enrich"), stage("schema", "ok"));
+    assert_eq!(stage("enrich", "ok"), entered("sink"));
+    for plugin in ["validate", "enrich"] {
+        let calls = total(
+            &metrics,
+            "weir_plugin_duration_seconds_count",
+            &[("plugin", plugin)],
+        );
+        assert_eq!(calls, entered(plugin), "one timing per call of {plugin}");
+    }
+    assert_eq!(stage("sink", "ok"), stored + duplicates);
     assert!(total(&metrics, "weir_batch_size_events_count", &[]) > 0);
     assert_eq!(
         total(&metrics, "weir_batch_size_events_sum", &[]),
-        stored + duplicates
+        entered("sink")
     );
     assert!(total(&metrics, "weir_commit_duration_seconds_count", &[]) > 0);
     assert_eq!(
@@ -280,17 +300,28 @@ async fn unknown_event_types_do_not_grow_the_series() -> Result {
     env.cleanup().await
 }
 
-/// `host:port` of `AMQP_URL`.
-fn broker_host_port() -> String {
-    let url = amqp_url();
-    let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+/// `host:port` of a URL such as `AMQP_URL` or `DATABASE_URL`.
+fn host_port(url: &str, default_port: u16) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
-    let host_port = rest.split('/').next().unwrap_or(rest);
+    let host_port = rest.split(['/', '?']).next().unwrap_or(rest);
     if host_port.contains(':') {
         host_port.to_string()
     } else {
-        format!("{host_port}:5672")
+        format!("{host_port}:{default_port}")
     }
+}
+
+/// A proxy in front of the server of `url`, and `url` pointing at it.
+async fn proxied(url: &str, default_port: u16) -> Result<(Proxy, String)> {
+    let server = host_port(url, default_port);
+    let upstream = tokio::net::lookup_host(&server)
+        .await?
+        .next()
+        .ok_or_else(|| format!("{server} does not resolve"))?;
+    let proxy = Proxy::start(upstream).await?;
+    let url = url.replacen(&server, &proxy.addr.to_string(), 1);
+    Ok((proxy, url))
 }
 
 /// The broker's pid of the connection a client named `name`.
@@ -318,17 +349,13 @@ fn broker_connection(name: &str) -> Result<Option<String>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_follows_the_broker_connection() -> Result {
     let env = TestEnv::new("ops_ready").await?;
-    let upstream = tokio::net::lookup_host(broker_host_port())
-        .await?
-        .next()
-        .ok_or("the broker's address does not resolve")?;
-    let proxy = Proxy::start(upstream).await?;
+    let (proxy, url) = proxied(&amqp_url(), 5672).await?;
     let connection_name = format!("weir-{}", env.name);
     let source_extra = format!("connection_name = \"{connection_name}\"");
     let text = env
         .pipeline_text(&source_extra, "", "")
-        .replace(&broker_host_port(), &proxy.addr.to_string())
-        + "\n[retry]\ninitial = \"100ms\"\nmax = \"1s\"\n";
+        .replacen(&amqp_url(), &url, 1)
+        + FAST_RETRY;
     let path = env.write_pipeline(&text)?;
     let weir = env.spawn(&path)?;
     let addr = weir.metrics_addr(Duration::from_secs(30)).await?;
@@ -458,5 +485,54 @@ async fn json_log_has_one_line_per_lifecycle_step_and_none_per_event() -> Result
         lines.len()
     );
     assert_eq!(env.rows().await?, distinct_lines(&lines.join("\n")) as i64);
+    env.cleanup().await
+}
+
+// Multi-threaded for the proxy, as above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_follows_the_database_even_when_idle() -> Result {
+    let env = TestEnv::new("ops_ready_db").await?;
+    let (proxy, url) = proxied(&env.db_url, 5432).await?;
+    let text = env
+        .pipeline_text("", "connect_timeout = \"1s\"", "")
+        .replacen(&env.db_url, &url, 1)
+        + FAST_RETRY;
+    let weir = env.spawn(&env.write_pipeline(&text)?)?;
+    let addr = weir.metrics_addr(Duration::from_secs(30)).await?;
+    wait_ready_status(addr, 200, Duration::from_secs(30)).await?;
+
+    // No event is written: only the probe can notice.
+    proxy.cut();
+    let body = wait_ready_status(addr, 503, Duration::from_secs(20)).await?;
+    assert!(body.contains("sink"), "{body}");
+    assert_eq!(get(addr, "/health").await?.0, 200);
+    let (_, metrics) = get(addr, "/metrics").await?;
+    assert_eq!(total(&metrics, "weir_up", &[("target", "sink")]), 0);
+    assert_eq!(total(&metrics, "weir_up", &[("target", "broker")]), 1);
+
+    proxy.restore();
+    wait_ready_status(addr, 200, Duration::from_secs(30)).await?;
+    let body = r#"{"event_type": "order.created", "service": "order-service", "payload": {"order_id": "o-1"}, "metadata": {"event_id": "after-the-outage"}}"#;
+    env.publish(
+        &env.exchange("order_events"),
+        "order.created",
+        body.as_bytes(),
+    )
+    .await?;
+    assert_eq!(
+        env.wait_rows(1, LIMIT).await?,
+        1,
+        "log:\n{}",
+        weir.log_text()
+    );
+    let (status, log) = weir.terminate()?;
+    assert!(status.success(), "{log}");
+    let log_lines = |m: &str| log.lines().filter(|l| l.contains(m)).count();
+    assert_eq!(
+        log_lines("The database does not answer; not ready."),
+        1,
+        "{log}"
+    );
+    assert_eq!(log_lines("The database answers again."), 1, "{log}");
     env.cleanup().await
 }

@@ -187,12 +187,23 @@ async fn two_weir_processes_on_one_queue_store_each_event_once() -> Result {
 }
 
 #[tokio::test]
-async fn a_message_delivered_past_the_limit_is_dead_lettered() -> Result {
-    let env = TestEnv::new("poison").await?;
-    // A quorum queue counts deliveries. The batch never fills and its timer
-    // is an hour, so each weir dies holding the message unacknowledged.
+async fn a_message_delivered_past_the_limit_is_dead_lettered_from_a_quorum_queue() -> Result {
+    // A quorum queue counts deliveries itself.
+    poison_message("poison_quorum", "queue_type = \"quorum\"").await
+}
+
+#[tokio::test]
+async fn a_message_delivered_past_the_limit_is_dead_lettered_from_a_classic_queue() -> Result {
+    // A classic queue keeps no count: weir keeps it in the database.
+    poison_message("poison_classic", "queue_type = \"classic\"").await
+}
+
+async fn poison_message(test: &str, queue_type: &str) -> Result {
+    let env = TestEnv::new(test).await?;
+    // The batch never fills and its timer is an hour, so each weir dies
+    // holding the message unacknowledged.
     let pipeline = env.pipeline_text(
-        "queue_type = \"quorum\"\ndelivery_limit = 2",
+        &format!("{queue_type}\ndelivery_limit = 2"),
         "max_wait = \"1h\"",
         "",
     );

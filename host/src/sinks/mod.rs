@@ -99,6 +99,31 @@ impl Sink {
         }
     }
 
+    /// Counts one more delivery of a redelivered message and returns its
+    /// deliveries so far, or `None` when this sink keeps no such count.
+    ///
+    /// # Errors
+    ///
+    /// When the sink's database cannot be reached.
+    pub async fn count_redelivery(&self, key: &str) -> Result<Option<u32>, SinkError> {
+        match self {
+            Sink::Postgres(p) => Ok(Some(p.count_redelivery(key).await?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Forgets the delivery counts of settled events.
+    ///
+    /// # Errors
+    ///
+    /// When the sink's database cannot be reached.
+    pub async fn forget_redeliveries(&self, keys: &[&str]) -> Result<(), SinkError> {
+        match self {
+            Sink::Postgres(p) => Ok(p.forget_redeliveries(keys).await?),
+            _ => Ok(()),
+        }
+    }
+
     /// Flushes and closes connections.
     pub async fn close(self) {
         match self {

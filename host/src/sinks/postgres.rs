@@ -186,6 +186,45 @@ impl PostgresSink {
             })
     }
 
+    /// Counts one more delivery of a message the broker redelivered, for
+    /// queues that keep no count, and returns how many deliveries it has
+    /// had, this one included.
+    ///
+    /// # Errors
+    ///
+    /// When the database cannot be reached.
+    pub async fn count_redelivery(&self, key: &str) -> Result<u32, PostgresError> {
+        let n: i32 = sqlx::query_scalar(
+            "INSERT INTO weir_redeliveries (event_key, deliveries) VALUES ($1, 2) \
+             ON CONFLICT (event_key) DO UPDATE \
+             SET deliveries = weir_redeliveries.deliveries + 1, last_seen = now() \
+             RETURNING deliveries",
+        )
+        .bind(key)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|source| PostgresError::Insert { len: 1, source })?;
+        Ok(u32::try_from(n).unwrap_or(0))
+    }
+
+    /// Forgets the delivery counts of events that are now settled.
+    ///
+    /// # Errors
+    ///
+    /// When the database cannot be reached; the counts then stay, which
+    /// only matters if those events are delivered again.
+    pub async fn forget_redeliveries(&self, keys: &[&str]) -> Result<(), PostgresError> {
+        sqlx::query("DELETE FROM weir_redeliveries WHERE event_key = ANY($1)")
+            .bind(keys)
+            .execute(&self.pool)
+            .await
+            .map_err(|source| PostgresError::Insert {
+                len: keys.len(),
+                source,
+            })?;
+        Ok(())
+    }
+
     /// Closes the pool, waiting for connections in use.
     pub async fn close(self) {
         self.pool.close().await;

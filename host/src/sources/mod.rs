@@ -66,6 +66,11 @@ pub trait Source {
         None
     }
 
+    /// Whether the source says it handed this message out before.
+    fn redelivered(_d: &Self::Delivery) -> bool {
+        false
+    }
+
     /// Asks for no more deliveries.
     async fn stop(&mut self);
 
@@ -90,6 +95,10 @@ impl Source for amqp::AmqpSource {
 
     fn delivery_count(d: &Self::Delivery) -> Option<u32> {
         d.delivery_count
+    }
+
+    fn redelivered(d: &Self::Delivery) -> bool {
+        d.redelivered
     }
 
     async fn ack(&mut self, d: &Self::Delivery) -> Result<(), SourceError> {
