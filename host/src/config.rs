@@ -158,6 +158,21 @@ impl Pipeline {
                 ));
             }
         }
+        let mut names = std::collections::HashSet::new();
+        for (i, t) in c.transforms.iter().enumerate() {
+            let name = t.name();
+            if ["decode", "source", "sink"].contains(&name) || !names.insert(name) {
+                return Err(ConfigError::invalid(
+                    &self.path,
+                    self.line_of("transforms", i, Some("name")),
+                    format!(
+                        "transform name `{name}` is taken: names must be unique and not \
+                         `decode`, `source` or `sink`, which dead letters and metrics use for \
+                         the other stages"
+                    ),
+                ));
+            }
+        }
         if c.idempotency.key.is_empty() {
             return Err(ConfigError::invalid(
                 &self.path,
@@ -793,6 +808,16 @@ tagged_enum!(SinkConfig, "sink", {
 });
 
 impl SinkConfig {
+    /// The sink's `type`, as written in the file.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkConfig::Postgres(_) => "postgres",
+            SinkConfig::Blackhole(_) => "blackhole",
+            SinkConfig::Sqlite(_) => "sqlite",
+            SinkConfig::Console(_) => "console",
+        }
+    }
+
     /// The batch size the sink flushes at, if it batches.
     pub fn max_events(&self) -> Option<usize> {
         Some(self.batch().max_events)
@@ -1230,5 +1255,15 @@ max_events = 500
         let bad = format!("{text}colour = true\n");
         let err = parse(&bad).expect_err("unknown key").to_string();
         assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn transform_names_must_be_unique() {
+        let stage = "\n[[transforms]]\ntype = \"schema\"\ndir = \"s\"\n";
+        let text = MINIMAL.replace("[sink]", &format!("{stage}{stage}\n[sink]"));
+        let err = parse(&text)
+            .expect_err("two stages named schema")
+            .to_string();
+        assert!(err.contains("transform name `schema` is taken"), "{err}");
     }
 }

@@ -288,6 +288,17 @@ fn write_scalar(h: &mut HashWriter, v: &(impl serde::Serialize + ?Sized)) {
     let _ = serde_json::to_writer(&mut *h, v);
 }
 
+/// An event decoded from `body` with the default key sources, for tests.
+#[cfg(test)]
+pub(crate) fn test_event(body: &str) -> Event {
+    let msg = Message {
+        body: body.as_bytes().to_vec(),
+        ..Message::default()
+    };
+    Event::decode(&msg, &crate::config::IdempotencyConfig::default().key)
+        .expect("test body decodes")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -88,7 +88,7 @@ pub async fn run(
     let sink_cfg = &pipeline.config.sink;
     let sink = Sink::connect(sink_cfg, &pipeline.base_dir)
         .await
-        .map_err(|e| PipelineError::Sink(sink_name(sink_cfg), e))?;
+        .map_err(|e| PipelineError::Sink(sink_cfg.kind(), e))?;
     match &pipeline.config.source {
         SourceConfig::Amqp(cfg) => {
             let source = AmqpSource::connect(cfg)
@@ -153,15 +153,6 @@ async fn drive<S: Source>(
         "Pipeline stopped."
     );
     result.map(|()| summary)
-}
-
-fn sink_name(cfg: &crate::config::SinkConfig) -> &'static str {
-    match cfg {
-        crate::config::SinkConfig::Postgres(_) => "postgres",
-        crate::config::SinkConfig::Blackhole(_) => "blackhole",
-        crate::config::SinkConfig::Sqlite(_) => "sqlite",
-        crate::config::SinkConfig::Console(_) => "console",
-    }
 }
 
 /// Events waiting to be written, with their deliveries.

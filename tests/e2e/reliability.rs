@@ -31,7 +31,9 @@ fn host_port(url: &str) -> Result<SocketAddr> {
 /// Fast retries so a ten-second outage is noticed soon after it ends.
 const FAST_RETRY: &str = "\n[retry]\ninitial = \"50ms\"\nmax = \"1s\"\n";
 
-#[tokio::test]
+// The proxy runs on this test's runtime; a second worker keeps it
+// forwarding while the test blocks on weir's exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_cut_for_ten_seconds_loses_and_dead_letters_nothing() -> Result {
     let text = sample()?;
     let distinct = distinct_lines(&text) as i64;
@@ -78,7 +80,9 @@ async fn database_cut_for_ten_seconds_loses_and_dead_letters_nothing() -> Result
     env.cleanup().await
 }
 
-#[tokio::test]
+// The proxy runs on this test's runtime; a second worker keeps it
+// forwarding while the test blocks on weir's exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_connection_cut_mid_stream_resumes_by_itself() -> Result {
     let text = sample()?;
     let distinct = distinct_lines(&text) as i64;

@@ -182,14 +182,9 @@ fn contains_nul_map(m: &Map<String, Value>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Message;
 
     fn event(body: &str) -> Event {
-        let msg = Message {
-            body: body.as_bytes().to_vec(),
-            ..Message::default()
-        };
-        Event::decode(&msg, &crate::config::IdempotencyConfig::default().key).expect("decodes")
+        crate::event::test_event(body)
     }
 
     #[test]

@@ -253,14 +253,9 @@ fn refusal(e: &sqlx::Error) -> Rejection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Message;
 
     fn event(body: &str) -> Event {
-        let msg = Message {
-            body: body.as_bytes().to_vec(),
-            ..Message::default()
-        };
-        Event::decode(&msg, &crate::config::IdempotencyConfig::default().key).expect("decodes")
+        crate::event::test_event(body)
     }
 
     fn config(path: &Path) -> SqliteSinkConfig {

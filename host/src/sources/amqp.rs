@@ -468,38 +468,30 @@ async fn declare_topology(
     let dl = &cfg.dead_letter;
     declare_exchange(&ch, &dl.exchange, dl.kind, true).await?;
     declare_queue(&ch, &dl.queue, true, FieldTable::default()).await?;
+    bind(&ch, &dl.queue, &dl.exchange, &dl.routing_key).await?;
+
+    declare_queue(&ch, &cfg.queue, cfg.durable, queue_arguments(cfg)).await?;
+    for ex in &cfg.exchanges {
+        declare_exchange(&ch, &ex.name, ex.kind, ex.durable).await?;
+        bind(&ch, &cfg.queue, &ex.name, &ex.binding_key).await?;
+        debug!(exchange = %ex.name, binding_key = %ex.binding_key, "Bound queue.");
+    }
+    let _ = ch.close(200, "topology declared").await;
+    Ok(())
+}
+
+async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), AmqpError> {
     ch.queue_bind(
-        &dl.queue,
-        &dl.exchange,
-        &dl.routing_key,
+        queue,
+        exchange,
+        key,
         QueueBindOptions::default(),
         FieldTable::default(),
     )
     .await
     .map_err(AmqpError::broker(format!(
-        "cannot bind queue `{}` to `{}`",
-        dl.queue, dl.exchange
-    )))?;
-
-    declare_queue(&ch, &cfg.queue, cfg.durable, queue_arguments(cfg)).await?;
-    for ex in &cfg.exchanges {
-        declare_exchange(&ch, &ex.name, ex.kind, ex.durable).await?;
-        ch.queue_bind(
-            &cfg.queue,
-            &ex.name,
-            &ex.binding_key,
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(AmqpError::broker(format!(
-            "cannot bind queue `{}` to `{}`",
-            cfg.queue, ex.name
-        )))?;
-        debug!(exchange = %ex.name, binding_key = %ex.binding_key, "Bound queue.");
-    }
-    let _ = ch.close(200, "topology declared").await;
-    Ok(())
+        "cannot bind queue `{queue}` to `{exchange}`"
+    )))
 }
 
 /// The arguments weir declares its queue with.
