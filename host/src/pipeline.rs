@@ -14,7 +14,6 @@
 //! stops consumption, writes and acknowledges the open batch, then closes.
 
 use std::future::Future;
-use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,6 +42,11 @@ pub enum PipelineError {
     Sink(&'static str, #[source] SinkError),
     #[error("source failed")]
     Source(#[from] SourceError),
+    #[error(
+        "stopped while the sink was unreachable; {0} events were not written and go back to \
+         the queue"
+    )]
+    Interrupted(usize),
 }
 
 /// What a run did, for the closing log line and summaries.
@@ -75,7 +79,7 @@ impl std::fmt::Display for Summary {
 pub async fn run(
     pipeline: &Pipeline,
     metrics: Arc<Metrics>,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Summary, PipelineError> {
     let chain = Chain::build(pipeline)?;
     if chain
@@ -112,7 +116,7 @@ async fn drive<S: Source>(
     chain: Chain,
     sink: Sink,
     metrics: Arc<Metrics>,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Summary, PipelineError> {
     let sink_cfg = &pipeline.config.sink;
     let _depth_probe = match &pipeline.config.source {
@@ -136,10 +140,19 @@ async fn drive<S: Source>(
             _ => None,
         },
         redeliveries: Default::default(),
+        stop: tokio::sync::watch::channel(false).1,
         batch: Batch::default(),
         summary: Summary::default(),
     };
-    let result = runner.run(shutdown).await;
+    // The shutdown signal is watched from its own task, so that a retry
+    // loop deep in a stage can see it too.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let watcher = tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let result = runner.run(stop_rx).await;
+    watcher.abort();
     metrics.set_ready(false);
     let summary = runner.summary;
     runner.source.close().await;
@@ -187,6 +200,8 @@ struct Runner<S: Source> {
     batch_cfg: BatchConfig,
     retry: RetryConfig,
     delivery_limit: Option<u32>,
+    /// True once shutdown was asked for; seen by retry loops.
+    stop: tokio::sync::watch::Receiver<bool>,
     /// Deliveries of redelivered messages, by key, when the sink cannot
     /// count them.
     redeliveries: std::collections::HashMap<String, u32>,
@@ -195,13 +210,16 @@ struct Runner<S: Source> {
 }
 
 impl<S: Source> Runner<S> {
-    async fn run(&mut self, shutdown: impl Future<Output = ()>) -> Result<(), PipelineError> {
-        let mut shutdown = pin!(shutdown);
+    async fn run(
+        &mut self,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), PipelineError> {
+        self.stop = stop.clone();
         loop {
             let deadline = self.batch.deadline;
             tokio::select! {
                 biased;
-                () = &mut shutdown => {
+                _ = stop.wait_for(|stop| *stop) => {
                     info!("Shutdown requested; flushing the open batch.");
                     self.source.stop().await;
                     break;
@@ -316,7 +334,22 @@ impl<S: Source> Runner<S> {
                     warn!(sink = self.sink.name(), error = %e, retry_in = ?wait, "Sink write failed; retrying.");
                     self.metrics.set_sink_ready(false);
                     self.metrics.retry(self.sink.name());
-                    tokio::time::sleep(wait).await;
+                    // `wait_for` also returns at once if shutdown was asked
+                    // for before this outage began.
+                    let mut stop = self.stop.clone();
+                    let stopped = tokio::select! {
+                        () = tokio::time::sleep(wait) => false,
+                        _ = stop.wait_for(|stop| *stop) => true,
+                    };
+                    if stopped {
+                        // Nothing of this batch is acked: the broker gives
+                        // it back, and a later run stores it.
+                        error!(
+                            events = events.len(),
+                            "Shutdown requested while the sink is unreachable; leaving the open batch unwritten."
+                        );
+                        return Err(PipelineError::Interrupted(events.len()));
+                    }
                 }
                 Err(e) => return Err(PipelineError::Sink(self.sink.name(), e)),
             }

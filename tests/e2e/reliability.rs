@@ -388,3 +388,48 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_database_outage_exits_and_loses_nothing() -> Result {
+    let env = TestEnv::new("term_outage").await?;
+    let upstream = host_port(&env.db_url)?;
+    let proxy = Proxy::start(upstream).await?;
+    let pipeline = env
+        .pipeline_text("", "connect_timeout = \"1s\"", "")
+        .replace(&upstream.to_string(), &proxy.addr.to_string())
+        + FAST_RETRY;
+    let path = env.write_pipeline(&pipeline)?;
+    let weir = env.spawn(&path)?;
+    weir.wait_started(Duration::from_secs(30)).await?;
+    proxy.cut();
+    let bodies: Vec<String> = (0..10)
+        .map(|i| format!(r#"{{"event_type": "order.paid", "service": "order-service", "payload": {{"n": {i}}}}}"#))
+        .collect();
+    let refs: Vec<&str> = bodies.iter().map(String::as_str).collect();
+    env.publish_lines(&refs).await?;
+    let start = Instant::now();
+    while !weir.log_text().contains("Sink write failed; retrying.") && start.elapsed() < LIMIT {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Stopping cannot wait for the database: weir exits, acking nothing.
+    let (status, log) = weir.terminate()?;
+    assert!(
+        !status.success(),
+        "an unwritten batch is an unclean stop:\n{log}"
+    );
+    assert!(log.contains("leaving the open batch unwritten"), "{log}");
+    assert_eq!(
+        env.queue_depth(&env.queue()).await?,
+        10,
+        "every message is back in the queue"
+    );
+
+    proxy.restore();
+    let weir = env.spawn(&path)?;
+    weir.wait_started(Duration::from_secs(30)).await?;
+    assert_eq!(env.wait_rows(10, LIMIT).await?, 10);
+    let (status, log) = weir.terminate()?;
+    assert!(status.success(), "{log}");
+    env.cleanup().await
+}
