@@ -1266,4 +1266,48 @@ max_events = 500
             .to_string();
         assert!(err.contains("transform name `schema` is taken"), "{err}");
     }
+
+    /// pipelines/reference.toml sets every key to something other than its
+    /// default; reading it back shows each key is understood.
+    #[test]
+    fn reference_pipeline_sets_every_key() -> Result<(), ConfigError> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/reference.toml");
+        let p = Pipeline::load(&path)?;
+        let SourceConfig::Amqp(a) = &p.config.source else {
+            panic!("the reference source is amqp");
+        };
+        assert!(a.durable && a.prefetch == 100 && a.delivery_limit == 3);
+        assert_eq!(a.message_ttl, Some(Duration::from_secs(1800)));
+        assert_eq!(a.consumer_tag.as_deref(), Some("weir-reference"));
+        assert_eq!(a.connection_name, "weir-reference");
+        assert_eq!(a.queue_type, QueueType::Quorum);
+        let ex = &a.exchanges[0];
+        assert_eq!(
+            (ex.kind, ex.durable, ex.binding_key.as_str()),
+            (ExchangeKind::Topic, true, "order.*")
+        );
+        assert_eq!(a.dead_letter.routing_key, "weir_reference_dlq");
+        let [TransformConfig::Wasm(v), TransformConfig::Schema(s), TransformConfig::Wasm(f)] =
+            p.config.transforms.as_slice()
+        else {
+            panic!("the reference has wasm, schema, wasm transforms");
+        };
+        assert_eq!((v.fuel, v.max_memory), (20_000_000, 16 << 20));
+        assert!(v.config.contains_key("max_future_skew"));
+        assert_eq!(
+            (s.name.as_str(), s.on_missing, s.on_invalid),
+            ("contract", SchemaPolicy::DeadLetter, SchemaPolicy::Drop)
+        );
+        assert_eq!(f.name, "quiet");
+        assert_eq!(p.config.idempotency.key.len(), 2);
+        assert_eq!(p.config.retry.initial, Duration::from_millis(250));
+        assert_eq!(p.config.retry.max, Duration::from_secs(10));
+        let SinkConfig::Postgres(pg) = &p.config.sink else {
+            panic!("the reference sink is postgres");
+        };
+        assert_eq!((pg.max_events, pg.pool_size, pg.migrate), (100, 4, false));
+        assert_eq!(pg.max_wait, Duration::from_millis(50));
+        assert_eq!(pg.connect_timeout, Duration::from_secs(2));
+        Ok(())
+    }
 }

@@ -647,6 +647,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::disallowed_methods)] // a plain test thread, no runtime
     fn rate_limit_reports_what_it_held_back_in_the_next_window() {
         let r = RateLimit::new(1, Duration::from_millis(20));
         assert_eq!(r.admit(), Some(0));

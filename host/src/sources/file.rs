@@ -284,6 +284,8 @@ impl Reader {
                         buf.clear();
                         number = 0;
                     }
+                    // This is the reader's own thread, not a tokio worker.
+                    #[allow(clippy::disallowed_methods)]
                     std::thread::sleep(self.poll);
                     continue;
                 }
