@@ -103,6 +103,9 @@ enum Cmd {
         pid: u32,
         #[arg(long, default_value_t = 120)]
         timeout: u64,
+        /// Where to write each event's publish offset and latency, in ms.
+        #[arg(long)]
+        dump: Option<PathBuf>,
     },
     /// Delete a pipeline's queues and exchanges.
     Cleanup { pipeline: PathBuf },
@@ -137,9 +140,18 @@ async fn main() -> anyhow::Result<()> {
             log,
             pid,
             timeout,
+            dump,
         } => {
             let limit = Duration::from_secs(timeout);
-            latency(&pipeline, &events, rate, &db, &log, pid, limit).await
+            let run = Steady {
+                rate,
+                db,
+                log,
+                pid,
+                limit,
+                dump,
+            };
+            latency(&pipeline, &events, &run).await
         }
         Cmd::Cleanup { pipeline } => cleanup(&pipeline).await,
     }
@@ -450,16 +462,25 @@ CREATE TRIGGER bench_notify AFTER INSERT ON audit_logs
     FOR EACH STATEMENT EXECUTE FUNCTION bench_notify();
 ";
 
-#[allow(clippy::too_many_arguments)]
-async fn latency(
-    path: &Path,
-    events: &Path,
+/// A steady run's settings.
+struct Steady {
     rate: f64,
-    db: &str,
-    log: &Path,
+    db: String,
+    log: PathBuf,
     pid: u32,
     limit: Duration,
-) -> anyhow::Result<()> {
+    dump: Option<PathBuf>,
+}
+
+async fn latency(path: &Path, events: &Path, run: &Steady) -> anyhow::Result<()> {
+    let Steady {
+        rate,
+        ref db,
+        ref log,
+        pid,
+        limit,
+        ref dump,
+    } = *run;
     let (pipeline, cfg) = amqp_cfg(path)?;
     let deadline = Instant::now() + limit;
     while !std::fs::read_to_string(log)
@@ -542,12 +563,26 @@ async fn latency(
         .await?;
     let commits = commits.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut ms: Vec<f64> = Vec::with_capacity(rows.len());
+    let mut timeline = Vec::with_capacity(rows.len());
     let mut unmatched = 0;
     for (key, xid) in rows {
         match (published.get(&key), commits.get(&xid)) {
-            (Some(p), Some(c)) => ms.push(c.saturating_duration_since(*p).as_secs_f64() * 1e3),
+            (Some(p), Some(c)) => {
+                let took = c.saturating_duration_since(*p).as_secs_f64() * 1e3;
+                let at = p.saturating_duration_since(start).as_secs_f64() * 1e3;
+                ms.push(took);
+                timeline.push((at, took));
+            }
             _ => unmatched += 1,
         }
+    }
+    if let Some(dump) = dump {
+        timeline.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let text: String = timeline
+            .iter()
+            .map(|(at, took)| format!("{at:.3} {took:.3}\n"))
+            .collect();
+        std::fs::write(dump, text)?;
     }
     ensure!(!ms.is_empty(), "no row could be timed");
     ms.sort_by(f64::total_cmp);

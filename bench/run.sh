@@ -153,7 +153,7 @@ latency() {
     start_weir "$pipeline" "$OUT/steady.log"
     timeout $((SECONDS_STEADY + 300)) "$LOAD" latency "$pipeline" --events "$OUT/steady.ndjson" \
         --rate "$RATE" --db "$(db_url "$name")" --log "$OUT/steady.log" --pid "$weir_pid" \
-        --timeout $((SECONDS_STEADY + 240)) | tee "$OUT/latency.result"
+        --timeout $((SECONDS_STEADY + 240)) --dump "$OUT/latency.tsv" | tee "$OUT/latency.result"
     stop_weir
 }
 

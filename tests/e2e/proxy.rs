@@ -61,11 +61,6 @@ impl Proxy {
         self.epoch.send_modify(|e| *e += 1);
     }
 
-    /// Drops every open connection but lets new ones through.
-    pub fn reset(&self) {
-        self.epoch.send_modify(|e| *e += 1);
-    }
-
     /// Lets new connections through again.
     pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);

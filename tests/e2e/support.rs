@@ -431,6 +431,9 @@ fn wait_timeout(child: &mut Child, limit: Duration) -> Result<std::process::Exit
             let _ = child.kill();
             return Err(format!("weir did not exit within {limit:?}").into());
         }
+        // Blocks the calling thread: a test whose runtime must keep serving
+        // something meanwhile (a proxy) runs on two workers.
+        #[allow(clippy::disallowed_methods)]
         std::thread::sleep(Duration::from_millis(50));
     }
 }

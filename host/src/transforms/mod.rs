@@ -106,7 +106,7 @@ impl Chain {
                 TransformConfig::Wasm(c) => {
                     let engine = match engine.get() {
                         Some(e) => Ok(e),
-                        None => wasm::engine().map(|e| &*engine.get_or_init(|| e)),
+                        None => wasm::engine().map(|e| engine.get_or_init(|| e)),
                     };
                     engine
                         .and_then(|e| wasm::WasmTransform::new(e, c, &pipeline.resolve(&c.path)))
