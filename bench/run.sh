@@ -19,7 +19,8 @@
 # it creates is named weirbench_* and deleted at the end.
 #
 # Knobs (environment): BENCH_EVENTS (100000), BENCH_RATE (2000 events/s),
-# BENCH_SECONDS (30, the steady run), BENCH_SINK / BENCH_SOURCE (extra
+# BENCH_SECONDS (30, the steady run), BENCH_PERF (set, e.g. to "-g", to
+# record a `perf` profile of each drain in bench/out/<variant>.perf.data), BENCH_SINK / BENCH_SOURCE (extra
 # `key = value` lines, `;`-separated, for the drain runs' [sink] / [source],
 # to try other batch settings), BENCH_ONLY (space-separated subset of
 # "blackhole postgres audit copy latency").
@@ -114,8 +115,15 @@ drain() {
     timeout 300 "$LOAD" publish "$pipeline" --events "$OUT/events.ndjson"
     log "$variant: draining"
     start_weir "$pipeline" "$OUT/$variant.log"
+    local perf_pid=""
+    if [ -n "${BENCH_PERF:-}" ]; then
+        perf record -q -e cpu-clock -F 999 $BENCH_PERF -p "$weir_pid" -o "$OUT/$variant.perf.data" \
+            2>/dev/null &
+        perf_pid=$!
+    fi
     timeout 900 "$LOAD" drain --log "$OUT/$variant.log" --pid "$weir_pid" --expect "$EVENTS" \
         --timeout 840 | tee "$OUT/$variant.result"
+    if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
     stop_weir
     if [ -n "$db" ]; then
         local rows

@@ -139,6 +139,9 @@ pub struct WasmTransform {
     /// The instance serving events. `None` after a failed call whose
     /// restart failed too; the next event tries again.
     live: Option<Live>,
+    /// Restarts that failed in a row; logged at 1, 2, 4, 8... so a plugin
+    /// that can no longer start does not log once per event.
+    failed_restarts: u64,
 }
 
 /// A running instance and the store that owns it.
@@ -169,6 +172,7 @@ impl WasmTransform {
             config_json,
             pre,
             live: None,
+            failed_restarts: 0,
         };
         transform.live = Some(transform.start()?);
         tracing::debug!(
@@ -336,9 +340,18 @@ impl WasmTransform {
                     "Plugin restarted after a failed call."
                 );
                 self.live = Some(live);
+                self.failed_restarts = 0;
             }
             Err(error) => {
-                tracing::warn!(plugin = %self.name, %error, "Plugin could not be restarted.");
+                self.failed_restarts += 1;
+                if self.failed_restarts.is_power_of_two() {
+                    tracing::warn!(
+                        plugin = %self.name,
+                        %error,
+                        failed_restarts = self.failed_restarts,
+                        "Plugin could not be restarted."
+                    );
+                }
             }
         }
     }
