@@ -379,14 +379,27 @@ fn alive(pid: u32, log: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The sum of a counter's series in weir's `/metrics`, by label value of
-/// `status`.
-async fn settled(addr: &str) -> anyhow::Result<HashMap<String, f64>> {
+/// weir's `/metrics` page.
+async fn scrape(addr: &str) -> anyhow::Result<String> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
         .await?;
     let mut body = String::new();
     s.read_to_string(&mut body).await?;
+    Ok(body)
+}
+
+/// The value of an unlabelled series, e.g. a histogram's `_sum`.
+fn series(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The sum of a counter's series in weir's `/metrics`, by label value of
+/// `status`.
+async fn settled(addr: &str) -> anyhow::Result<HashMap<String, f64>> {
+    let body = scrape(addr).await?;
     let mut out = HashMap::new();
     for line in body.lines() {
         let Some(rest) = line.strip_prefix("audit_events_consumed_total{") else {
@@ -407,6 +420,52 @@ async fn settled(addr: &str) -> anyhow::Result<HashMap<String, f64>> {
     Ok(out)
 }
 
+/// CPU time a process used so far, in seconds (user and system).
+fn process_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU time used so far by every process whose command name is `comm`
+/// (`postgres`: the server and its backends; `beam.smp`: RabbitMQ), in
+/// seconds. Processes that end in between are missed, which only happens
+/// to short-lived backends.
+fn cpu_of(comm: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == comm)
+        })
+        .map(process_cpu)
+        .sum()
+}
+
+/// Busy and total CPU time of the whole machine so far, in seconds.
+fn machine_cpu() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = stat.lines().next().unwrap_or_default();
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: f64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+    ((total - idle) / 100.0, total / 100.0)
+}
+
 fn peak_rss_kb(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -419,24 +478,39 @@ fn peak_rss_kb(pid: u32) -> u64 {
 async fn drain(log: &Path, pid: u32, expect: u64, limit: Duration) -> anyhow::Result<()> {
     let addr = metrics_addr(log, pid, Duration::from_secs(120)).await?;
     let deadline = Instant::now() + limit;
-    let mut first: Option<(Instant, f64)> = None;
+    let mut first: Option<(Instant, f64, [f64; 3], (f64, f64))> = None;
+    let cpus = || [process_cpu(pid), cpu_of("postgres"), cpu_of("beam.smp")];
     loop {
         let counts = settled(&addr).await?;
         let now = Instant::now();
         let total: f64 = counts.values().sum();
         if first.is_none() && total > 0.0 {
-            first = Some((now, total));
+            first = Some((now, total, cpus(), machine_cpu()));
         }
         if total >= expect as f64 {
-            let (t0, n0) = first.unwrap_or((now, 0.0));
+            let (busy, all) = machine_cpu();
+            let cpu = cpus();
+            let (t0, n0, cpu0, (busy0, all0)) = first.unwrap_or((now, 0.0, cpu, (busy, all)));
             let secs = now.duration_since(t0).as_secs_f64().max(1e-3);
             let mut statuses: Vec<_> = counts.into_iter().collect();
             statuses.sort_by(|a, b| a.0.cmp(&b.0));
             let statuses: Vec<String> = statuses.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+            let events = (total - n0).max(1.0);
+            let page = scrape(&addr).await?;
+            let batches = series(&page, "weir_commit_duration_seconds_count").max(1.0);
+            let commit_ms = series(&page, "weir_commit_duration_seconds_sum") * 1e3 / batches;
+            let batch = series(&page, "weir_batch_size_events_sum") / batches;
             println!(
-                "rate={:.0} seconds={secs:.2} peak_rss_kb={} outcomes={}",
-                (total - n0) / secs,
+                "rate={:.0} seconds={secs:.2} peak_rss_kb={} weir_cpu_us={:.0} \
+                 postgres_cpu_us={:.0} broker_cpu_us={:.0} machine_cpu_us={:.0} \
+                 machine_busy={:.2} batch={batch:.1} commit_ms={commit_ms:.2} outcomes={}",
+                events / secs,
                 peak_rss_kb(pid),
+                (cpu[0] - cpu0[0]) * 1e6 / events,
+                (cpu[1] - cpu0[1]) * 1e6 / events,
+                (cpu[2] - cpu0[2]) * 1e6 / events,
+                (busy - busy0) * 1e6 / events,
+                (busy - busy0) / (all - all0).max(1e-3),
                 statuses.join(",")
             );
             return Ok(());

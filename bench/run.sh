@@ -18,12 +18,17 @@
 # to bench/out/. Only 127.0.0.1 is used; every queue, exchange and database
 # it creates is named weirbench_* and deleted at the end.
 #
-# Knobs (environment): BENCH_EVENTS (100000), BENCH_RATE (2000 events/s),
-# BENCH_SECONDS (30, the steady run), BENCH_PERF (set, e.g. to "-g", to
-# record a `perf` profile of each drain in bench/out/<variant>.perf.data), BENCH_SINK / BENCH_SOURCE (extra
-# `key = value` lines, `;`-separated, for the drain runs' [sink] / [source],
-# to try other batch settings), BENCH_ONLY (space-separated subset of
-# "blackhole postgres audit copy latency").
+# Knobs (environment):
+#   BENCH_EVENTS   backlog size (100000)
+#   BENCH_RATE     steady rate, events/s (2000)
+#   BENCH_SECONDS  length of the steady run (30)
+#   BENCH_SINK, BENCH_SOURCE
+#                  `key = value` lines, `;`-separated, added to the [sink] /
+#                  [source] of every run, to try other batch settings; the
+#                  table's figures are for none, i.e. weir's defaults
+#   BENCH_ONLY     a subset of "blackhole postgres audit copy latency"
+#   BENCH_PERF     perf record options (e.g. "-g"): profile each drain into
+#                  bench/out/<variant>.perf.data
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -39,6 +44,7 @@ RUN=weirbench_$$
 WEIR=target/release/weir
 LOAD=target/release/examples/bench-load
 mkdir -p "$OUT"
+rm -f "$OUT"/*.result "$OUT"/*.perf.data "$OUT"/table.md
 
 log() { echo "bench: $*" >&2; }
 wants() { [[ " $ONLY " == *" $1 "* ]]; }
@@ -154,8 +160,11 @@ copy_rate() {
 
 latency() {
     local name="${RUN}_steady" pipeline="$OUT/steady.toml"
+    local -a extra=()
     new_db "$name"
-    "$LOAD" pipeline --variant audit --prefix "$name" --db "$(db_url "$name")" > "$pipeline"
+    mapfile -d '' extra < <(split_lines --sink "${BENCH_SINK:-}"; split_lines --source "${BENCH_SOURCE:-}")
+    "$LOAD" pipeline --variant audit --prefix "$name" --db "$(db_url "$name")" "${extra[@]}" \
+        > "$pipeline"
     created_pipelines+=("$pipeline")
     log "steady: $RATE events/s for $SECONDS_STEADY s, audit pipeline at its defaults"
     start_weir "$pipeline" "$OUT/steady.log"

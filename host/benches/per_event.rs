@@ -3,8 +3,16 @@
 //! and building the row. Criterion's time per iteration is the time per
 //! event; the events cycle through `samples/domain-events.ndjson`.
 //!
+//! `audit_transforms` runs the whole chain of pipelines/audit.toml
+//! (validate, schema, enrich) as the pipeline does.
+//! `host_json_round_trip` is what a wasm stage costs the host besides the
+//! call: the body written as JSON text for the plugin and the answer parsed
+//! back.
+//!
 //! Run with `cargo bench -p weir --bench per_event` after
-//! `plugins/build.sh`. `bench/run.sh` measures the pipeline as a whole.
+//! `plugins/build.sh`; `WEIR_BENCH_PLUGINS` names another directory of
+//! `.wasm` files to compare builds. `bench/run.sh` measures the pipeline as
+//! a whole.
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
@@ -16,7 +24,7 @@ use weir::event::{Event, Message};
 use weir::sinks::postgres::Row;
 use weir::transforms::schema::SchemaSet;
 use weir::transforms::wasm::{engine, WasmTransform};
-use weir::transforms::Verdict;
+use weir::transforms::{Chain, Verdict};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -44,7 +52,7 @@ fn events(msgs: &[Message]) -> Vec<Event> {
 }
 
 /// Hands out the items of `items` in turn.
-fn cycle<T>(items: &[T]) -> impl FnMut() -> &T {
+fn cycle<'a, T>(items: &'a [T]) -> impl FnMut() -> &'a T {
     let i = Cell::new(0);
     move || {
         let n = i.get();
@@ -71,6 +79,11 @@ fn wasm_configs() -> Vec<(WasmTransformConfig, PathBuf)> {
     filter.name = "filter".into();
     filter.config = toml::from_str("drop_types = [\"no.such_type\"]").expect("toml");
     out.push((filter, path.with_file_name("filter.wasm")));
+    if let Some(dir) = std::env::var_os("WEIR_BENCH_PLUGINS") {
+        for (cfg, path) in &mut out {
+            *path = Path::new(&dir).join(format!("{}.wasm", cfg.name));
+        }
+    }
     out
 }
 
@@ -92,6 +105,14 @@ fn per_event(c: &mut Criterion) {
     let mut next = cycle(&bodies);
     c.bench_function("schema_check", |b| b.iter(|| schemas.check(next())));
 
+    let mut next = cycle(&decoded);
+    c.bench_function("host_json_round_trip", |b| {
+        b.iter(|| {
+            let text = serde_json::to_string(&next().body).expect("serializes");
+            serde_json::from_str::<Value>(&text).expect("parses")
+        })
+    });
+
     let engine = engine().expect("wasm engine");
     for (cfg, path) in wasm_configs() {
         let mut stage = WasmTransform::new(&engine, &cfg, &path).unwrap_or_else(|e| {
@@ -109,6 +130,17 @@ fn per_event(c: &mut Criterion) {
             )
         });
     }
+
+    let pipeline = Pipeline::load(&root().join("pipelines/audit.toml")).expect("audit.toml loads");
+    let mut chain = Chain::build(&pipeline).expect("the audit transforms build");
+    let mut next = cycle(&decoded);
+    c.bench_function("audit_transforms", |b| {
+        b.iter_batched_ref(
+            || next().clone(),
+            |e| assert_eq!(chain.apply(e), Verdict::Keep),
+            BatchSize::SmallInput,
+        )
+    });
 
     let mut next = cycle(&decoded);
     c.bench_function("row_from_event", |b| {

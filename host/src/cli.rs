@@ -112,7 +112,9 @@ pub enum ReportFormat {
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // Libraries log their own view of failures weir already reports
+        // (lapin's IO errors, sqlx's notices and slow statements).
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=off,sqlx=error"));
     // Colours only for a person at a terminal, never in files or journals.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
@@ -162,9 +164,15 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            crate::sample::write_ndjson(&spec, &mut out).context("cannot write sample events")?;
-            std::io::Write::flush(&mut out).context("cannot write sample events")?;
-            Ok(ExitCode::SUCCESS)
+            let written = crate::sample::write_ndjson(&spec, &mut out)
+                .and_then(|()| std::io::Write::flush(&mut out));
+            match written {
+                // A reader that stopped early (`| head`) is not an error.
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    Err(anyhow::Error::from(e).context("cannot write sample events"))
+                }
+                _ => Ok(ExitCode::SUCCESS),
+            }
         }
     }
 }

@@ -158,6 +158,16 @@ impl Pipeline {
                 ));
             }
         }
+        if let SourceConfig::Amqp(a) = &c.source {
+            if a.queue_type == QueueType::Quorum && !a.durable {
+                return Err(ConfigError::invalid(
+                    &self.path,
+                    self.line_of("source", 0, Some("durable")),
+                    "a quorum queue is always durable: remove `durable = false` or use \
+                     queue_type = \"classic\"",
+                ));
+            }
+        }
         let mut names = std::collections::HashSet::new();
         for (i, t) in c.transforms.iter().enumerate() {
             let name = t.name();
@@ -201,7 +211,8 @@ fn toml_error(path: &Path, text: &str, e: &toml::de::Error, key: Option<String>)
     ConfigError::invalid(path, line, message.trim_end().to_string())
 }
 
-fn line_at(text: &str, offset: usize) -> usize {
+/// The 1-based line of a byte offset in `text`.
+pub fn line_at(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())]
         .iter()
         .filter(|&&b| b == b'\n')
@@ -249,6 +260,12 @@ pub fn line_of(text: &str, table: &str, index: usize, key: Option<&str>) -> usiz
 fn expand_env(raw: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String, (usize, String)> {
     let mut out = String::with_capacity(raw.len());
     for (n, line) in raw.split_inclusive('\n').enumerate() {
+        // A comment line is kept as it is: it may mention a variable that
+        // is deliberately unset.
+        if line.trim_start().starts_with('#') {
+            out.push_str(line);
+            continue;
+        }
         let mut rest = line;
         while let Some(at) = rest.find('$') {
             out.push_str(&rest[..at]);
@@ -572,7 +589,9 @@ pub struct AmqpSourceConfig {
     /// `x-delivery-limit`, so the broker sets the message aside itself
     /// should weir die on it every time. On classic queues, which keep no
     /// count, weir counts redelivered messages in the sink's database
-    /// (`weir_redeliveries`), or in memory for sinks without one. Default 5.
+    /// (`weir_redeliveries`), or in memory for sinks without one. Every
+    /// return counts, a graceful restart's too, so keep it well above the
+    /// restarts a message may live through. Default 20.
     #[serde(default = "default_delivery_limit")]
     pub delivery_limit: u32,
     /// Exchanges the queue is bound to. Default: none (the queue only gets
@@ -876,7 +895,9 @@ pub struct PostgresSinkConfig {
     /// Default `"20ms"`.
     #[serde(default = "default_max_wait", deserialize_with = "de_duration")]
     pub max_wait: Duration,
-    /// Most connections the sink opens. Default 2.
+    /// Most connections the sink opens, and so most batches written at
+    /// once: while one batch commits, the next can be written beside it.
+    /// Default 2.
     #[serde(default = "default_pool")]
     pub pool_size: u32,
     /// How long to wait for a connection before the attempt counts as
@@ -976,7 +997,7 @@ fn default_max_memory() -> u64 {
     32 << 20
 }
 fn default_delivery_limit() -> u32 {
-    5
+    20
 }
 fn default_true() -> bool {
     true

@@ -109,7 +109,7 @@ pub fn run(pipeline: &Pipeline, dir: &Path) -> anyhow::Result<Vec<CaseResult>> {
         let fixtures: FixtureFile = toml::from_str(&text).map_err(|e| {
             let line = e
                 .span()
-                .map(|s| text[..s.start].lines().count().max(1))
+                .map(|s| config::line_at(&text, s.start))
                 .unwrap_or(1);
             anyhow::anyhow!("{}:{line}: {}", file.display(), e.message())
         })?;

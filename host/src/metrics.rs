@@ -31,6 +31,20 @@ use tracing::warn;
 
 use crate::event::{ReasonClass, Rejection};
 
+/// An error and each of its causes, joined by `: `, for a log field: the
+/// top-level message alone ("cannot insert a batch of 26 events") rarely
+/// says what went wrong.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 /// Every metric weir exposes, registered in one registry.
 pub struct Metrics {
     registry: Registry,

@@ -8,15 +8,24 @@
 //! `max_wait`, by a timer; only after the sink committed it are its
 //! deliveries acknowledged.
 //!
+//! A batch is written by a task of its own while the next one fills, so
+//! that decoding and transforms overlap the database's commit. Up to the
+//! sink's [`Sink::max_writes`] batches are written at once; a full batch
+//! beyond that waits for the oldest write and settles it first. Writes are
+//! settled in the order their batches were cut. With `max_events` below the
+//! source's prefetch, the broker keeps sending while a batch commits.
+//!
 //! Transient failures (the database unreachable, a dead letter not
 //! confirmed) are retried with exponential backoff and jitter while nothing
 //! new is taken from the source, so the broker keeps the rest. Shutdown
 //! stops consumption, writes and acknowledges the open batch, then closes.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::task::JoinHandle;
 use tokio::time::sleep_until;
 use tracing::{debug, error, info, instrument, trace, warn};
 
@@ -43,7 +52,7 @@ pub enum PipelineError {
     #[error("source failed")]
     Source(#[from] SourceError),
     #[error(
-        "stopped while the sink was unreachable; {0} events were not written and go back to \
+        "stopped while the sink was unreachable; {0} event(s) were not written and go back to \
          the queue"
     )]
     Interrupted(usize),
@@ -124,6 +133,8 @@ async fn drive<S: Source>(
         _ => None,
     };
     let _sink_probe = SinkProbe::spawn(&sink, metrics.clone());
+    let max_writes = sink.max_writes();
+    let sink = Arc::new(sink);
     info!(pipeline = %pipeline.path.display(), transforms = chain.stages().len(), "Pipeline started.");
     metrics.set_sink_ready(true);
     metrics.set_ready(true);
@@ -142,6 +153,8 @@ async fn drive<S: Source>(
         redeliveries: Default::default(),
         stop: tokio::sync::watch::channel(false).1,
         batch: Batch::default(),
+        max_writes,
+        writing: VecDeque::new(),
         summary: Summary::default(),
     };
     // The shutdown signal is watched from its own task, so that a retry
@@ -156,7 +169,11 @@ async fn drive<S: Source>(
     metrics.set_ready(false);
     let summary = runner.summary;
     runner.source.close().await;
-    runner.sink.close().await;
+    // `run` waited for every write, unless one failed; a write still
+    // running then keeps the sink, and the process is ending anyway.
+    if let Ok(sink) = Arc::try_unwrap(runner.sink) {
+        sink.close().await;
+    }
     info!(
         received = summary.received,
         stored = summary.stored,
@@ -191,10 +208,28 @@ struct Pending<D> {
     received: Instant,
 }
 
+/// A batch being written by its own task, and its deliveries, which are
+/// settled once the task reports.
+struct Writing<D> {
+    task: JoinHandle<Result<Written, PipelineError>>,
+    pending: Vec<Pending<D>>,
+}
+
+/// What a batch write did.
+struct Written {
+    events: Vec<Event>,
+    report: Vec<RowOutcome>,
+    /// From the first attempt to the commit, retries included.
+    took: Duration,
+    /// Attempts that failed before the one that went through.
+    retries: u32,
+}
+
 struct Runner<S: Source> {
     source: S,
     chain: Chain,
-    sink: Sink,
+    /// Shared with the tasks writing batches.
+    sink: Arc<Sink>,
     metrics: Arc<Metrics>,
     key: Vec<KeySource>,
     batch_cfg: BatchConfig,
@@ -206,6 +241,10 @@ struct Runner<S: Source> {
     /// count them.
     redeliveries: std::collections::HashMap<String, u32>,
     batch: Batch<S::Delivery>,
+    /// Most batches written at once.
+    max_writes: usize,
+    /// The batches being written, oldest first.
+    writing: VecDeque<Writing<S::Delivery>>,
     summary: Summary,
 }
 
@@ -224,6 +263,10 @@ impl<S: Source> Runner<S> {
                     self.source.stop().await;
                     break;
                 }
+                done = written(self.writing.front_mut()), if !self.writing.is_empty() => {
+                    let pending = self.writing.pop_front().map(|w| w.pending).unwrap_or_default();
+                    self.settle(done?, pending).await?;
+                }
                 () = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
                     self.flush().await?;
                 }
@@ -234,7 +277,7 @@ impl<S: Source> Runner<S> {
                     }
                     Some(Err(e)) => {
                         self.metrics.set_ready(false);
-                        error!(error = %e, "Source failed.");
+                        error!(error = %crate::metrics::error_chain(&e), "Source failed.");
                         return Err(e.into());
                     }
                     None => {
@@ -246,6 +289,9 @@ impl<S: Source> Runner<S> {
         }
         let open = self.batch.events.len();
         self.flush().await?;
+        while !self.writing.is_empty() {
+            self.finish_write().await?;
+        }
         info!(events = open, "Open batch flushed.");
         Ok(())
     }
@@ -261,9 +307,13 @@ impl<S: Source> Runner<S> {
                 Err(_) => (String::new(), None),
             };
             let key = key.map(str::to_string);
-            return self
-                .dead_letter(&delivery, &event_type, key.as_deref(), &why, received)
-                .await;
+            self.dead_letter(&delivery, &event_type, key.as_deref(), &why, received)
+                .await?;
+            // Set aside: a replay of it starts counting afresh.
+            if let Some(key) = &key {
+                self.forget_redeliveries(&[key.as_str()]).await;
+            }
+            return Ok(());
         }
         let outcome = match decoded {
             Ok(_) => StageOutcome::Ok,
@@ -301,6 +351,7 @@ impl<S: Source> Runner<S> {
             }
             Verdict::Drop => {
                 self.ack(&delivery).await?;
+                self.flush_acks().await?;
                 self.summary.dropped += 1;
                 self.metrics
                     .finished(event.event_type(), Status::Dropped, received);
@@ -314,52 +365,56 @@ impl<S: Source> Runner<S> {
         }
     }
 
-    /// Writes the open batch, retrying transient failures, then
-    /// acknowledges what was stored and dead-letters what was refused.
+    /// Hands the open batch to a task that writes it, once fewer than
+    /// `max_writes` batches are being written.
     async fn flush(&mut self) -> Result<(), PipelineError> {
         self.batch.deadline = None;
         if self.batch.events.is_empty() {
             return Ok(());
         }
-        let events = std::mem::take(&mut self.batch.events);
-        let pending = std::mem::take(&mut self.batch.pending);
+        while self.writing.len() >= self.max_writes {
+            self.finish_write().await?;
+        }
+        let room = self.batch_cfg.max_events;
+        let events = std::mem::replace(&mut self.batch.events, Vec::with_capacity(room));
+        let pending = std::mem::replace(&mut self.batch.pending, Vec::with_capacity(room));
+        let task = tokio::spawn(write_batch(
+            self.sink.clone(),
+            events,
+            self.metrics.clone(),
+            self.retry,
+            self.stop.clone(),
+        ));
+        self.writing.push_back(Writing { task, pending });
+        Ok(())
+    }
 
-        let mut backoff = Backoff::new(self.retry);
-        let started = Instant::now();
-        let report = loop {
-            match self.sink.write(&events).await {
-                Ok(report) => break report,
-                Err(e) if e.is_transient() => {
-                    let wait = backoff.next_delay();
-                    warn!(sink = self.sink.name(), error = %e, retry_in = ?wait, "Sink write failed; retrying.");
-                    self.metrics.set_sink_ready(false);
-                    self.metrics.retry(self.sink.name());
-                    // `wait_for` also returns at once if shutdown was asked
-                    // for before this outage began.
-                    let mut stop = self.stop.clone();
-                    let stopped = tokio::select! {
-                        () = tokio::time::sleep(wait) => false,
-                        _ = stop.wait_for(|stop| *stop) => true,
-                    };
-                    if stopped {
-                        // Nothing of this batch is acked: the broker gives
-                        // it back, and a later run stores it.
-                        error!(
-                            events = events.len(),
-                            "Shutdown requested while the sink is unreachable; leaving the open batch unwritten."
-                        );
-                        return Err(PipelineError::Interrupted(events.len()));
-                    }
-                }
-                Err(e) => return Err(PipelineError::Sink(self.sink.name(), e)),
-            }
+    /// Waits for the oldest batch being written, if any, and settles it.
+    async fn finish_write(&mut self) -> Result<(), PipelineError> {
+        let Some(writing) = self.writing.pop_front() else {
+            return Ok(());
         };
-        let took = started.elapsed();
+        let written = joined(writing.task.await)?;
+        self.settle(written, writing.pending).await
+    }
+
+    /// Acknowledges what a write stored and dead-letters what it refused.
+    async fn settle(
+        &mut self,
+        written: Written,
+        pending: Vec<Pending<S::Delivery>>,
+    ) -> Result<(), PipelineError> {
+        let Written {
+            events,
+            report,
+            took,
+            retries,
+        } = written;
         self.metrics.committed(events.len(), took);
-        if backoff.attempts > 0 {
+        if retries > 0 {
             info!(
                 sink = self.sink.name(),
-                attempts = backoff.attempts,
+                attempts = retries,
                 "Sink write went through again."
             );
             self.metrics.reconnect("sink");
@@ -400,7 +455,7 @@ impl<S: Source> Runner<S> {
             .map(|(e, _)| e.key.as_str())
             .collect();
         self.forget_redeliveries(&settled).await;
-        Ok(())
+        self.flush_acks().await
     }
 
     async fn dead_letter(
@@ -420,7 +475,7 @@ impl<S: Source> Runner<S> {
         }
         self.summary.dead_lettered += 1;
         self.metrics.dead_lettered(event_type, key, why, received);
-        Ok(())
+        self.flush_acks().await
     }
 
     /// A poison message: one delivered more than `delivery_limit` times
@@ -492,6 +547,18 @@ impl<S: Source> Runner<S> {
         }
     }
 
+    /// Sends the acknowledgements the source held back, retrying while
+    /// the failure is transient.
+    async fn flush_acks(&mut self) -> Result<(), PipelineError> {
+        let mut backoff = Backoff::new(self.retry);
+        loop {
+            match self.source.flush_acks().await {
+                Ok(()) => return Ok(()),
+                Err(e) => self.settle_failed(e, &mut backoff).await?,
+            }
+        }
+    }
+
     /// Waits before settling again, or gives up: a failure that lasts
     /// through eight retries (a dead-letter queue nobody bound, say) needs
     /// an operator, and the unsettled message is safe in the queue.
@@ -501,14 +568,77 @@ impl<S: Source> Runner<S> {
         backoff: &mut Backoff,
     ) -> Result<(), PipelineError> {
         if !e.is_transient() || backoff.attempts >= 8 {
-            error!(error = %e, "Cannot settle a delivery; stopping.");
+            error!(error = %crate::metrics::error_chain(&e), "Cannot settle a delivery; stopping.");
             return Err(e.into());
         }
         let wait = backoff.next_delay();
-        warn!(error = %e, retry_in = ?wait, "Settling a delivery failed; retrying.");
+        warn!(error = %crate::metrics::error_chain(&e), retry_in = ?wait, "Settling a delivery failed; retrying.");
         self.metrics.retry("source");
         tokio::time::sleep(wait).await;
         Ok(())
+    }
+}
+
+/// Writes one batch, retrying transient failures with backoff until the
+/// write goes through or shutdown is asked for.
+async fn write_batch(
+    sink: Arc<Sink>,
+    events: Vec<Event>,
+    metrics: Arc<Metrics>,
+    retry: RetryConfig,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Written, PipelineError> {
+    let mut backoff = Backoff::new(retry);
+    let started = Instant::now();
+    let report = loop {
+        match sink.write(&events).await {
+            Ok(report) => break report,
+            Err(e) if e.is_transient() => {
+                let wait = backoff.next_delay();
+                warn!(sink = sink.name(), error = %crate::metrics::error_chain(&e), retry_in = ?wait, "Sink write failed; retrying.");
+                metrics.set_sink_ready(false);
+                metrics.retry(sink.name());
+                // `wait_for` also returns at once if shutdown was asked
+                // for before this outage began.
+                let stopped = tokio::select! {
+                    () = tokio::time::sleep(wait) => false,
+                    _ = stop.wait_for(|stop| *stop) => true,
+                };
+                if stopped {
+                    // Nothing of this batch is acked: the broker gives
+                    // it back, and a later run stores it.
+                    error!(
+                            events = events.len(),
+                            "Shutdown requested while the sink is unreachable; leaving the open batch unwritten."
+                        );
+                    return Err(PipelineError::Interrupted(events.len()));
+                }
+            }
+            Err(e) => return Err(PipelineError::Sink(sink.name(), e)),
+        }
+    };
+    Ok(Written {
+        took: started.elapsed(),
+        retries: backoff.attempts,
+        events,
+        report,
+    })
+}
+
+/// A batch write's outcome, once its task is done.
+async fn written<D>(writing: Option<&mut Writing<D>>) -> Result<Written, PipelineError> {
+    match writing {
+        Some(w) => joined((&mut w.task).await),
+        None => std::future::pending().await,
+    }
+}
+
+/// A write task's result; a panic in the task goes on in the caller.
+fn joined<T>(result: Result<T, tokio::task::JoinError>) -> T {
+    match result {
+        Ok(t) => t,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => unreachable!("batch writers are never cancelled: {e}"),
     }
 }
 

@@ -136,7 +136,13 @@ pub async fn check_pipeline(path: &Path) -> Vec<Problem> {
                     engine = Some(wasm::engine());
                 }
                 let checked = match engine.as_ref() {
-                    Some(Ok(engine)) => wasm::check_plugin(engine, &pipeline.resolve(&c.path)),
+                    // Starting the plugin runs its `init` with the stage's
+                    // config, so settings it refuses are found here too.
+                    Some(Ok(engine)) => wasm::check_plugin(engine, &pipeline.resolve(&c.path))
+                        .and_then(|()| {
+                            wasm::WasmTransform::new(engine, c, &pipeline.resolve(&c.path))
+                        })
+                        .map(drop),
                     Some(Err(e)) => Err(anyhow::anyhow!("cannot start the wasm engine: {e:#}")),
                     None => unreachable!("engine was just set"),
                 };

@@ -85,6 +85,16 @@ impl Sink {
         }
     }
 
+    /// Most batches the pipeline may have this sink write at once. A
+    /// database with a pool takes one per connection; the others take
+    /// their batches one at a time, in order.
+    pub fn max_writes(&self) -> usize {
+        match self {
+            Sink::Postgres(p) => p.max_writes(),
+            Sink::Sqlite(_) | Sink::Console | Sink::Blackhole => 1,
+        }
+    }
+
     /// Writes one batch.
     ///
     /// # Errors

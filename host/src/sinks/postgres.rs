@@ -131,6 +131,11 @@ impl PostgresSink {
         &self.pool
     }
 
+    /// Most batches written at once: one per connection of the pool.
+    pub fn max_writes(&self) -> usize {
+        self.pool.options().get_max_connections().max(1) as usize
+    }
+
     /// Stores a batch. Rows the database refuses for their content are
     /// reported, not retried; the rest are stored.
     ///
@@ -140,7 +145,14 @@ impl PostgresSink {
     /// exhausted, database shutting down): nothing in the report can be
     /// trusted and the whole batch must be written again.
     pub async fn write(&self, events: &[Event]) -> Result<Vec<RowOutcome>, PostgresError> {
-        let rows: Vec<Row<'_>> = events.iter().map(Row::from_event).collect();
+        // Rows go in key order, so that two batches written at once take
+        // the locks of the keys they share in the same order and cannot
+        // deadlock. `order[i]` is the event of the i-th row.
+        let mut rows: Vec<(usize, Row<'_>)> =
+            events.iter().map(Row::from_event).enumerate().collect();
+        rows.sort_by(|(_, a), (_, b)| a.event_id.cmp(&b.event_id));
+        let (order, rows): (Vec<usize>, Vec<Row<'_>>) = rows.into_iter().unzip();
+
         let mut outcomes = vec![RowOutcome::Duplicate; rows.len()];
         let mut pending = vec![(0usize, rows.len())];
         while let Some((start, end)) = pending.pop() {
@@ -155,7 +167,11 @@ impl PostgresSink {
                 }
             }
         }
-        Ok(outcomes)
+        let mut by_event = vec![RowOutcome::Duplicate; outcomes.len()];
+        for (outcome, i) in outcomes.into_iter().zip(order) {
+            by_event[i] = outcome;
+        }
+        Ok(by_event)
     }
 
     /// Inserts rows and returns the keys that were new.

@@ -7,6 +7,12 @@
 //! channel in confirm mode, with `mandatory` set, so that a dead letter the
 //! broker could not route is noticed rather than silently lost; only after
 //! the broker confirms it is the original delivery acknowledged.
+//!
+//! Acknowledgements are gathered: [`AmqpSource::ack`] only notes a delivery
+//! as settled, and [`AmqpSource::flush_acks`] sends one `basic.ack` with
+//! `multiple` set for the highest delivery tag below which every delivery
+//! of the link is settled. A batch of fifty events then costs one frame
+//! instead of fifty round trips through lapin.
 
 use futures_util::StreamExt;
 use lapin::options::{
@@ -17,6 +23,7 @@ use lapin::protocol::basic::AMQPProperties;
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use tracing::{debug, info, warn};
@@ -92,7 +99,9 @@ pub struct Delivery {
     /// by quorum queues); `None` where the queue keeps no count.
     pub delivery_count: Option<u32>,
     properties: AMQPProperties,
-    acker: lapin::acker::Acker,
+    /// The broker's number for this delivery on its channel; tags rise by
+    /// one with each delivery.
+    tag: u64,
     generation: u64,
 }
 
@@ -201,6 +210,48 @@ pub struct AmqpSource {
     stopping: bool,
     retry: RetryConfig,
     metrics: Option<Arc<Metrics>>,
+    /// Which deliveries of the current link are settled but not yet
+    /// acknowledged to the broker.
+    acks: AckTracker,
+}
+
+/// Delivery tags of one link: those handed out and not settled, and those
+/// settled whose acknowledgement is not sent yet.
+///
+/// A `multiple` acknowledgement of tag `t` settles every delivery up to
+/// `t` at the broker, so it may only be sent once no delivery at or below
+/// `t` is still open. Deliveries are handed out in tag order, so every tag
+/// below the highest one handed out is either open or settled here.
+#[derive(Debug, Default)]
+struct AckTracker {
+    open: BTreeSet<u64>,
+    settled: BTreeSet<u64>,
+}
+
+impl AckTracker {
+    fn received(&mut self, tag: u64) {
+        self.open.insert(tag);
+    }
+
+    fn settled(&mut self, tag: u64) {
+        if self.open.remove(&tag) {
+            self.settled.insert(tag);
+        }
+    }
+
+    /// The highest tag that can be acknowledged with `multiple` now, and
+    /// forgets the tags it covers.
+    fn take_ackable(&mut self) -> Option<u64> {
+        let below = self.open.first().copied().unwrap_or(u64::MAX);
+        let tag = self.settled.range(..below).next_back().copied()?;
+        self.settled = self.settled.split_off(&(tag + 1));
+        Some(tag)
+    }
+
+    fn clear(&mut self) {
+        self.open.clear();
+        self.settled.clear();
+    }
 }
 
 impl AmqpSource {
@@ -219,6 +270,7 @@ impl AmqpSource {
             stopping: false,
             retry: RetryConfig::default(),
             metrics: None,
+            acks: AckTracker::default(),
         })
     }
 
@@ -249,7 +301,10 @@ impl AmqpSource {
                 }
             }
             match self.link.consumer.next().await {
-                Some(Ok(d)) => return Some(Ok(self.delivery(d))),
+                Some(Ok(d)) => {
+                    self.acks.received(d.delivery_tag);
+                    return Some(Ok(self.delivery(d)));
+                }
                 Some(Err(error)) if !self.stopping => {
                     warn!(%error, "Broker connection lost; reconnecting.");
                     self.broken = true;
@@ -300,7 +355,7 @@ impl AmqpSource {
             redelivered: d.redelivered,
             delivery_count,
             properties: d.properties,
-            acker: d.acker,
+            tag: d.delivery_tag,
             generation: self.generation,
         }
     }
@@ -311,6 +366,7 @@ impl AmqpSource {
             m.set_ready(false);
         }
         self.generation += 1;
+        self.acks.clear();
         let mut backoff = Backoff::new(self.retry);
         loop {
             match Link::open(&self.cfg).await {
@@ -332,7 +388,7 @@ impl AmqpSource {
                 }
                 Err(e) if e.is_transient() => {
                     let wait = backoff.next_delay();
-                    warn!(error = %e, retry_in = ?wait, "Reconnecting to the broker failed; retrying.");
+                    warn!(error = %crate::metrics::error_chain(&e), retry_in = ?wait, "Reconnecting to the broker failed; retrying.");
                     if let Some(m) = &self.metrics {
                         m.retry("source");
                     }
@@ -352,19 +408,35 @@ impl AmqpSource {
         false
     }
 
-    /// Acknowledges a delivery: its event is committed or intentionally
-    /// dropped. A delivery of a failed link is left alone: the broker has
-    /// put it back already.
+    /// Notes a delivery as settled: its event is committed or intentionally
+    /// dropped. The broker hears of it at the next [`AmqpSource::flush_acks`].
+    /// A delivery of a failed link is left alone: the broker has put it
+    /// back already.
     ///
     /// # Errors
     ///
-    /// Never for a lost link (the message comes back); the error type is
-    /// kept for the callers' retry loop.
+    /// Never; the error type is kept for the callers' retry loop.
     pub async fn ack(&mut self, delivery: &Delivery) -> Result<(), AmqpError> {
-        if self.stale(delivery) {
-            return Ok(());
+        if !self.stale(delivery) {
+            self.acks.settled(delivery.tag);
         }
-        if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
+        Ok(())
+    }
+
+    /// Acknowledges, in one frame, every settled delivery that no open
+    /// delivery precedes. Settled deliveries behind an open one wait for
+    /// it: a later call sends them.
+    ///
+    /// # Errors
+    ///
+    /// Never for a lost link (the messages come back); the error type is
+    /// kept for the callers' retry loop.
+    pub async fn flush_acks(&mut self) -> Result<(), AmqpError> {
+        let Some(tag) = self.acks.take_ackable() else {
+            return Ok(());
+        };
+        let multiple = BasicAckOptions { multiple: true };
+        if let Err(error) = self.link.consume.basic_ack(tag, multiple).await {
             if !self.broken {
                 warn!(%error, "Acknowledging failed; the link is lost and unacknowledged messages will come back.");
             }
@@ -428,7 +500,8 @@ impl AmqpSource {
             Confirmation::Nack(_) => return Err(AmqpError::Nacked(dl.exchange.clone())),
             Confirmation::Ack(None) | Confirmation::NotRequested => {}
         }
-        self.ack(delivery).await
+        self.ack(delivery).await?;
+        self.flush_acks().await
     }
 
     /// Stops the consumer, so the broker sends nothing more. Deliveries
@@ -449,7 +522,8 @@ impl AmqpSource {
 
     /// Closes channels and connection. Unacknowledged deliveries go back to
     /// the queue.
-    pub async fn close(self) {
+    pub async fn close(mut self) {
+        let _ = self.flush_acks().await;
         self.link.close().await;
         info!("Disconnected from the broker.");
     }
@@ -844,4 +918,37 @@ fn replay_properties(
     }
     headers.insert(ShortString::from(REPLAYED), AMQPValue::LongLongInt(replays));
     props.clone().with_headers(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multiple_ack_waits_for_the_lowest_open_delivery() {
+        let mut acks = AckTracker::default();
+        for tag in 1..=5 {
+            acks.received(tag);
+        }
+        acks.settled(2);
+        acks.settled(3);
+        assert_eq!(acks.take_ackable(), None, "tag 1 is still open");
+        acks.settled(1);
+        acks.settled(5);
+        assert_eq!(acks.take_ackable(), Some(3));
+        assert_eq!(acks.take_ackable(), None, "tag 4 is still open");
+        acks.settled(4);
+        assert_eq!(acks.take_ackable(), Some(5));
+        assert_eq!(acks.take_ackable(), None);
+    }
+
+    #[test]
+    fn settling_an_unknown_tag_acknowledges_nothing() {
+        let mut acks = AckTracker::default();
+        acks.received(7);
+        acks.settled(3);
+        assert_eq!(acks.take_ackable(), None);
+        acks.settled(7);
+        assert_eq!(acks.take_ackable(), Some(7));
+    }
 }

@@ -48,8 +48,16 @@ pub trait Source {
     /// The message inside a delivery.
     fn message(d: &Self::Delivery) -> &Message;
 
-    /// Settles deliveries whose events were stored or dropped.
+    /// Settles deliveries whose events were stored or dropped. A source
+    /// may hold the acknowledgement back until [`Source::flush_acks`], to
+    /// send several at once.
     async fn ack(&mut self, d: &Self::Delivery) -> Result<(), SourceError>;
+
+    /// Sends the acknowledgements [`Source::ack`] held back. The pipeline
+    /// calls it after settling a batch, a dropped event or a dead letter.
+    async fn flush_acks(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
 
     /// Sends the original message where dead letters go, with the reason,
     /// then settles the delivery.
@@ -103,6 +111,10 @@ impl Source for amqp::AmqpSource {
 
     async fn ack(&mut self, d: &Self::Delivery) -> Result<(), SourceError> {
         Ok(amqp::AmqpSource::ack(self, d).await?)
+    }
+
+    async fn flush_acks(&mut self) -> Result<(), SourceError> {
+        Ok(amqp::AmqpSource::flush_acks(self).await?)
     }
 
     async fn dead_letter(

@@ -59,9 +59,18 @@ impl Transform {
     /// relies on (`event_type`, `service`, `payload`); one that lost it is
     /// the plugin's fault and fails that event.
     pub fn apply(&mut self, event: &mut Event) -> Verdict {
+        self.apply_text(event, &mut None)
+    }
+
+    /// [`Transform::apply`] with the body's JSON text carried from stage to
+    /// stage (see [`wasm::WasmTransform::apply_text`]), so that a plugin
+    /// that keeps an event unchanged costs no parse, and the plugin after
+    /// it no serialization. A schema check leaves the body, and its text,
+    /// as they are.
+    pub fn apply_text(&mut self, event: &mut Event, text: &mut Option<String>) -> Verdict {
         match self {
             Transform::Schema(s) => s.apply(event),
-            Transform::Wasm(w) => match w.apply(event) {
+            Transform::Wasm(w) => match w.apply_text(event, text) {
                 Verdict::Keep => match check_envelope(&event.body) {
                     Ok(()) => Verdict::Keep,
                     Err(why) => Verdict::Reject(Rejection::new(
@@ -135,9 +144,11 @@ impl Chain {
         event: &mut Event,
         mut observe: impl FnMut(&Transform, std::time::Duration, &Verdict),
     ) -> Verdict {
+        // The body's JSON text, while a stage knows it.
+        let mut text = None;
         for stage in &mut self.stages {
             let started = std::time::Instant::now();
-            let verdict = stage.apply(event);
+            let verdict = stage.apply_text(event, &mut text);
             observe(stage, started.elapsed(), &verdict);
             if verdict != Verdict::Keep {
                 return verdict;

@@ -193,8 +193,18 @@ impl WasmTransform {
     /// Runs the plugin on one event. On keep, the plugin's answer replaces
     /// the body; the key never changes.
     pub fn apply(&mut self, event: &mut Event) -> Verdict {
+        self.apply_text(event, &mut None)
+    }
+
+    /// [`WasmTransform::apply`] for a chain of stages that share the body's
+    /// JSON text. `text`, when set, is the JSON text of `event.body` as an
+    /// earlier stage wrote it, and is handed to the plugin as is. On return
+    /// it holds the body's text if this stage knows it: when the plugin
+    /// answered with exactly the text it was given, the body is unchanged,
+    /// is not parsed again, and the next plugin gets the same text.
+    pub fn apply_text(&mut self, event: &mut Event, text: &mut Option<String>) -> Verdict {
         let started = Instant::now();
-        let verdict = self.call(event);
+        let verdict = self.call(event, text);
         tracing::trace!(
             plugin = %self.name,
             elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
@@ -208,8 +218,12 @@ impl WasmTransform {
         verdict
     }
 
-    fn call(&mut self, event: &mut Event) -> Verdict {
-        let input = match serde_json::to_string(&event.body) {
+    fn call(&mut self, event: &mut Event, text: &mut Option<String>) -> Verdict {
+        let body = match text.take() {
+            Some(body) => Ok(body),
+            None => serde_json::to_string(&event.body),
+        };
+        let input = match body {
             Ok(body) => PluginEvent {
                 body,
                 key: event.key.clone(),
@@ -250,7 +264,11 @@ impl WasmTransform {
             Ok(outcome) => {
                 self.live = Some(live);
                 match outcome {
-                    Outcome::Keep(text) => self.accept(event, &text),
+                    Outcome::Keep(out) if out == input.body => {
+                        *text = Some(input.body);
+                        Verdict::Keep
+                    }
+                    Outcome::Keep(out) => self.accept(event, &out),
                     Outcome::Drop => Verdict::Drop,
                     Outcome::Reject(reason) => self.reject(clip(reason, MAX_REASON_BYTES)),
                 }
@@ -406,7 +424,15 @@ impl WasmTransform {
 /// Reads, compiles, version-checks and links a plugin.
 fn prepare(engine: &Engine, path: &Path) -> anyhow::Result<PluginPre<Host>> {
     let shown = path.display();
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read plugin {shown}"))?;
+    let bytes = std::fs::read(path).with_context(|| {
+        if path.exists() {
+            format!("cannot read plugin {shown}")
+        } else {
+            format!(
+                "cannot read plugin {shown} (the shipped plugins are built by plugins/build.sh)"
+            )
+        }
+    })?;
     match bytes.get(..8) {
         Some([0, b'a', b's', b'm', _, _, 1, 0]) => {}
         Some([0, b'a', b's', b'm', _, _, 0, 0]) => bail!(
@@ -919,6 +945,27 @@ mod tests {
             )
         );
         assert!(check_plugin(&engine()?, &path).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn unchanged_answer_keeps_the_text_for_the_next_plugin() -> anyhow::Result<()> {
+        let mut validate = load("validate", json!({ "max_future_skew": "5m" }))?;
+        let mut filter = load("filter", json!({ "drop_types": ["other.type"] }))?;
+        let mut e = normal();
+        let before = e.body.clone();
+        let mut text = None;
+        assert_eq!(validate.apply_text(&mut e, &mut text), Verdict::Keep);
+        assert_eq!(text, Some(serde_json::to_string(&before)?));
+        assert_eq!(filter.apply_text(&mut e, &mut text), Verdict::Keep);
+        assert!(text.is_some());
+        assert_eq!(e.body, before);
+
+        // A plugin that changes the event leaves no text behind.
+        let mut enrich = load("enrich", json!({ "redact_key": "k" }))?;
+        assert_eq!(enrich.apply_text(&mut e, &mut text), Verdict::Keep);
+        assert_eq!(text, None);
+        assert_eq!(e.body["metadata"]["severity"], "low");
         Ok(())
     }
 

@@ -1,6 +1,6 @@
 //! Drops events by type: an event whose `event_type` is listed in
 //! `drop_types` is acknowledged and not stored. Every other event passes
-//! unchanged.
+//! unchanged ([`Outcome::Unchanged`]).
 //!
 //! ```toml
 //! [[transforms]]
@@ -44,7 +44,7 @@ impl Plugin for Filter {
         if self.drop_types.contains(meta.event_type) {
             Outcome::Drop
         } else {
-            Outcome::Keep
+            Outcome::Unchanged
         }
     }
 }
@@ -69,7 +69,7 @@ mod tests {
         let mut f = Filter::new(serde_json::json!({ "drop_types": ["a.b"] }))?;
         let mut e = Map::new();
         assert_eq!(f.process(&mut e, &meta("a.b")), Outcome::Drop);
-        assert_eq!(f.process(&mut e, &meta("a.c")), Outcome::Keep);
+        assert_eq!(f.process(&mut e, &meta("a.c")), Outcome::Unchanged);
         Ok(())
     }
 

@@ -24,8 +24,9 @@
 //!
 //! The SDK meets weir only through `wit/plugin.wit` (`weir:plugin@1.0.0`):
 //! it parses the event's JSON once, hands the plugin a mutable object, and
-//! serializes the object again only when the plugin keeps the event. The
-//! plugin's value lives in an instance-wide slot that `init` fills; weir
+//! serializes the object again only when the plugin keeps the event with
+//! [`Outcome::Keep`]; [`Outcome::Unchanged`] hands back the text as it
+//! came. The plugin's value lives in an instance-wide slot that `init` fills; weir
 //! calls `process` one event at a time, so there is no locking to do.
 //!
 //! [`bindings`] is the raw generated interface, for a plugin that needs to
@@ -58,6 +59,12 @@ use bindings::exports::weir::plugin::transformer as wit;
 pub enum Outcome {
     /// Pass the event on, with whatever changes the plugin made to it.
     Keep,
+    /// Pass the event on exactly as it came in, for a plugin that only
+    /// looks. Cheaper than `Keep`: the SDK answers with the text it was
+    /// given instead of writing the object out again, and weir, getting
+    /// back its own text, does not parse it again. Changes made to the
+    /// object are discarded.
+    Unchanged,
     /// Acknowledge the event and store nothing.
     Drop,
     /// Dead-letter the event with this reason: lowercase, no final period.
@@ -179,6 +186,7 @@ pub mod __private {
         });
 
         match outcome {
+            Outcome::Unchanged => wit::Outcome::Keep(event.body),
             Outcome::Keep => match serde_json::to_string(&body) {
                 Ok(text) => wit::Outcome::Keep(text),
                 Err(e) => wit::Outcome::Reject(format!("cannot serialize the event: {e}")),

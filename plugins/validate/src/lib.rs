@@ -106,7 +106,7 @@ impl Plugin for Validate {
 
     fn process(&mut self, event: &mut Map<String, Value>, _meta: &Meta<'_>) -> Outcome {
         match self.check(event, now_nanos()) {
-            problems if problems.is_empty() => Outcome::Keep,
+            problems if problems.is_empty() => Outcome::Unchanged,
             problems => Outcome::Reject(problems.join("; ")),
         }
     }
