@@ -478,7 +478,11 @@ fn peak_rss_kb(pid: u32) -> u64 {
 async fn drain(log: &Path, pid: u32, expect: u64, limit: Duration) -> anyhow::Result<()> {
     let addr = metrics_addr(log, pid, Duration::from_secs(120)).await?;
     let deadline = Instant::now() + limit;
-    let mut first: Option<(Instant, f64, [f64; 3], (f64, f64))> = None;
+    // When the first event was settled: the time, the count then, the CPU
+    // used by weir, PostgreSQL and RabbitMQ, and the machine's busy and
+    // total CPU.
+    type Start = (Instant, f64, [f64; 3], (f64, f64));
+    let mut first: Option<Start> = None;
     let cpus = || [process_cpu(pid), cpu_of("postgres"), cpu_of("beam.smp")];
     loop {
         let counts = settled(&addr).await?;
@@ -631,6 +635,12 @@ async fn latency(path: &Path, events: &Path, run: &Steady) -> anyhow::Result<()>
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     listening.abort();
+    if let Some(dump) = dump {
+        // weir's own view of the run, to tell a slow commit from a slow
+        // delivery when the tail is long.
+        let addr = metrics_addr(log, pid, Duration::from_secs(5)).await?;
+        std::fs::write(dump.with_extension("metrics"), scrape(&addr).await?)?;
+    }
 
     let rows: Vec<(String, String)> = sqlx::query_as("SELECT event_id, xmin::text FROM audit_logs")
         .fetch_all(&pool)

@@ -879,7 +879,7 @@ pub struct BatchConfig {
 /// [sink]
 /// type = "postgres"
 /// url = "${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
-/// max_events = 50
+/// max_events = 25
 /// max_wait = "20ms"
 /// ```
 #[derive(Debug, Clone, Deserialize)]
@@ -887,8 +887,11 @@ pub struct BatchConfig {
 pub struct PostgresSinkConfig {
     /// Connection URL. Required.
     pub url: String,
-    /// Flush once this many events wait. Default 50. At most the source's
-    /// prefetch.
+    /// Flush once this many events wait. Default 25. At most the source's
+    /// prefetch; below it, the broker keeps delivering while a batch
+    /// commits (at the default prefetch of 50, a batch of 25 fills while
+    /// the one before commits). See the README's "Performance" section for
+    /// how 25 was chosen.
     #[serde(default = "default_max_events")]
     pub max_events: usize,
     /// Flush once the oldest waiting event has waited this long, by a timer.
@@ -915,7 +918,7 @@ pub struct PostgresSinkConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub struct BlackholeSinkConfig {
-    /// As for PostgreSQL. Default 50.
+    /// As for PostgreSQL. Default 25.
     #[serde(default = "default_max_events")]
     pub max_events: usize,
     /// As for PostgreSQL. Default `"20ms"`.
@@ -932,7 +935,7 @@ pub struct BlackholeSinkConfig {
 /// [sink]
 /// type = "sqlite"
 /// path = "../audit.db"
-/// max_events = 50
+/// max_events = 25
 /// max_wait = "20ms"
 /// ```
 ///
@@ -949,7 +952,7 @@ pub struct SqliteSinkConfig {
     /// it. Default: none.
     #[serde(default)]
     pub url: Option<String>,
-    /// As for PostgreSQL. Default 50. One transaction per batch.
+    /// As for PostgreSQL. Default 25. One transaction per batch.
     #[serde(default = "default_max_events")]
     pub max_events: usize,
     /// As for PostgreSQL. Default `"20ms"`.
@@ -973,7 +976,7 @@ pub struct SqliteSinkConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub struct ConsoleSinkConfig {
-    /// As for PostgreSQL. Default 50.
+    /// As for PostgreSQL. Default 25.
     #[serde(default = "default_max_events")]
     pub max_events: usize,
     /// As for PostgreSQL. Default `"20ms"`.
@@ -1021,7 +1024,7 @@ fn default_dlq_key() -> String {
     "audit_dlq".into()
 }
 fn default_max_events() -> usize {
-    50
+    25
 }
 fn default_max_wait() -> Duration {
     Duration::from_millis(20)
@@ -1137,7 +1140,7 @@ type = "blackhole"
         assert_eq!(a.prefetch, 50);
         assert!(a.durable);
         assert_eq!(a.dead_letter.routing_key, "audit_dlq");
-        assert_eq!(p.config.sink.max_events(), Some(50));
+        assert_eq!(p.config.sink.max_events(), Some(25));
         assert_eq!(p.config.idempotency.key, default_key());
         Ok(())
     }

@@ -254,8 +254,18 @@ impl<S: Source> Runner<S> {
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), PipelineError> {
         self.stop = stop.clone();
+        // One timer, re-armed once per batch rather than made anew for each
+        // delivery.
+        let timer = sleep_until(far_future());
+        tokio::pin!(timer);
+        let mut armed = None;
         loop {
-            let deadline = self.batch.deadline;
+            if self.batch.deadline != armed {
+                armed = self.batch.deadline;
+                if let Some(deadline) = armed {
+                    timer.as_mut().reset(deadline);
+                }
+            }
             tokio::select! {
                 biased;
                 _ = stop.wait_for(|stop| *stop) => {
@@ -267,7 +277,7 @@ impl<S: Source> Runner<S> {
                     let pending = self.writing.pop_front().map(|w| w.pending).unwrap_or_default();
                     self.settle(done?, pending).await?;
                 }
-                () = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
+                () = &mut timer, if armed.is_some() => {
                     self.flush().await?;
                 }
                 next = self.source.next() => match next {
