@@ -123,17 +123,23 @@ struct Link {
     consumer: Consumer,
 }
 
+/// Opens a connection named after the source's `connection_name` and
+/// `suffix`, so each of weir's connections can be told apart by the broker.
+async fn connect(cfg: &AmqpSourceConfig, suffix: &str) -> Result<Connection, AmqpError> {
+    let props = ConnectionProperties::default()
+        .with_connection_name(format!("{}{suffix}", cfg.connection_name).into());
+    Connection::connect(&cfg.url, props)
+        .await
+        .map_err(AmqpError::broker(format!(
+            "cannot connect to the broker at {}",
+            redact_url(&cfg.url)
+        )))
+}
+
 impl Link {
     /// Connects, declares the topology and starts consuming.
     async fn open(cfg: &AmqpSourceConfig) -> Result<Link, AmqpError> {
-        let props = ConnectionProperties::default()
-            .with_connection_name(cfg.connection_name.clone().into());
-        let connection = Connection::connect(&cfg.url, props)
-            .await
-            .map_err(AmqpError::broker(format!(
-                "cannot connect to the broker at {}",
-                redact_url(&cfg.url)
-            )))?;
+        let connection = connect(cfg, "").await?;
         info!(url = %redact_url(&cfg.url), "Connected to the broker.");
 
         let consume = connection
@@ -725,14 +731,7 @@ pub async fn replay(
     cfg: &AmqpSourceConfig,
     filter: &ReplayFilter,
 ) -> Result<ReplayReport, AmqpError> {
-    let props = ConnectionProperties::default()
-        .with_connection_name(format!("{}-replay", cfg.connection_name).into());
-    let connection = Connection::connect(&cfg.url, props)
-        .await
-        .map_err(AmqpError::broker(format!(
-            "cannot connect to the broker at {}",
-            redact_url(&cfg.url)
-        )))?;
+    let connection = connect(cfg, "-replay").await?;
     let ch = connection
         .create_channel()
         .await
