@@ -27,6 +27,8 @@
 #                  [source] of every run, to try other batch settings; the
 #                  table's figures are for none, i.e. weir's defaults
 #   BENCH_ONLY     a subset of "blackhole postgres audit copy latency"
+#   BENCH_WEIR     a weir binary to run instead of target/release/weir, to
+#                  compare two builds on the same backlog
 #   BENCH_PERF     perf record options (e.g. "-g"): profile each drain into
 #                  bench/out/<variant>.perf.data
 set -euo pipefail
@@ -41,7 +43,7 @@ ADMIN_DB=postgres://postgres@127.0.0.1:5432/test
 export AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f
 unset DATABASE_URL WEIR_LOG RUST_LOG
 RUN=weirbench_$$
-WEIR=target/release/weir
+WEIR=${BENCH_WEIR:-target/release/weir}
 LOAD=target/release/examples/bench-load
 mkdir -p "$OUT"
 rm -f "$OUT"/*.result "$OUT"/*.perf.data "$OUT"/table.md

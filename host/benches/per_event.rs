@@ -133,11 +133,18 @@ fn per_event(c: &mut Criterion) {
 
     let pipeline = Pipeline::load(&root().join("pipelines/audit.toml")).expect("audit.toml loads");
     let mut chain = Chain::build(&pipeline).expect("the audit transforms build");
-    let mut next = cycle(&decoded);
+    let pairs: Vec<(&Message, &Event)> = msgs.iter().zip(&decoded).collect();
+    let mut next = cycle(&pairs);
     c.bench_function("audit_transforms", |b| {
         b.iter_batched_ref(
-            || next().clone(),
-            |e| assert_eq!(chain.apply(e), Verdict::Keep),
+            || {
+                let (m, e) = next();
+                (m.body.as_slice(), (*e).clone())
+            },
+            |(body, e)| {
+                let verdict = chain.apply_observed(e, Some(body), |_, _, _| {});
+                assert_eq!(verdict, Verdict::Keep);
+            },
             BatchSize::SmallInput,
         )
     });

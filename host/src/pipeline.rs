@@ -338,14 +338,16 @@ impl<S: Source> Runner<S> {
         self.metrics.decoded(event.event_type());
 
         let metrics = &self.metrics;
-        let verdict = self
-            .chain
-            .apply_observed(&mut event, |stage, took, verdict| {
+        let verdict = self.chain.apply_observed(
+            &mut event,
+            Some(&S::message(&delivery).body[..]),
+            |stage, took, verdict| {
                 metrics.stage(stage.name(), stage_outcome(verdict), took);
                 if let Transform::Wasm(_) = stage {
                     metrics.plugin(stage.name(), took);
                 }
-            });
+            },
+        );
         match verdict {
             Verdict::Keep => {
                 if self.batch.events.is_empty() {

@@ -134,18 +134,24 @@ impl Chain {
 
     /// Runs the event through every stage until one does not keep it.
     pub fn apply(&mut self, event: &mut Event) -> Verdict {
-        self.apply_observed(event, |_, _, _| {})
+        self.apply_observed(event, None, |_, _, _| {})
     }
 
     /// Like [`Chain::apply`], and tells `observe` how long each stage took
-    /// and what it decided, for per-stage metrics.
+    /// and what it decided, for per-stage metrics. `received` is the body
+    /// as it came, when `event.body` is still exactly its parse: plugins
+    /// are then handed that text instead of a new serialization.
     pub fn apply_observed(
         &mut self,
         event: &mut Event,
+        received: Option<&[u8]>,
         mut observe: impl FnMut(&Transform, std::time::Duration, &Verdict),
     ) -> Verdict {
         // The body's JSON text, while a stage knows it.
-        let mut text = None;
+        let mut text = received
+            .filter(|_| self.has_wasm())
+            .and_then(|body| std::str::from_utf8(body).ok())
+            .map(str::to_owned);
         for stage in &mut self.stages {
             let started = std::time::Instant::now();
             let verdict = stage.apply_text(event, &mut text);
@@ -166,6 +172,11 @@ impl Chain {
                 Transform::Wasm(_) => None,
             })
             .flatten()
+    }
+
+    /// Whether some stage is a plugin.
+    fn has_wasm(&self) -> bool {
+        self.stages.iter().any(|s| matches!(s, Transform::Wasm(_)))
     }
 
     /// The stages, in order.

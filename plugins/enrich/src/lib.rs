@@ -42,7 +42,7 @@
 //! the default (`redact_emails_anywhere` is on). Changing the key later
 //! changes every pseudonym: rows stored before and after no longer join.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use hmac::{Hmac, KeyInit, Mac};
 use serde::Deserialize;
@@ -85,7 +85,13 @@ pub struct Enrich {
     redact_emails_anywhere: bool,
     /// Keyed once; cloned for every value. `None` when nothing is redacted.
     mac: Option<Hmac<Sha256>>,
+    /// `user_agent_info` by User-Agent header: a service sees few distinct
+    /// ones, and reading one takes a few dozen substring searches.
+    user_agents: HashMap<String, Value>,
 }
+
+/// The most User-Agent headers remembered; the memory is emptied when full.
+const USER_AGENT_CACHE: usize = 1024;
 
 impl Plugin for Enrich {
     fn new(config: Value) -> Result<Self, String> {
@@ -112,6 +118,7 @@ impl Plugin for Enrich {
             redact: config.redact.iter().map(|f| f.to_lowercase()).collect(),
             redact_emails_anywhere: config.redact_emails_anywhere,
             mac,
+            user_agents: HashMap::new(),
         })
     }
 
@@ -128,7 +135,17 @@ impl Plugin for Enrich {
             metadata.insert("actor".into(), user_id);
         }
         if let Some(ua) = metadata.get("user_agent").and_then(Value::as_str) {
-            let info = user_agent_info(ua);
+            let info = match self.user_agents.get(ua) {
+                Some(info) => info.clone(),
+                None => {
+                    let info = user_agent_info(ua);
+                    if self.user_agents.len() >= USER_AGENT_CACHE {
+                        self.user_agents.clear();
+                    }
+                    self.user_agents.insert(ua.to_string(), info.clone());
+                    info
+                }
+            };
             metadata.insert("user_agent_info".into(), info);
         }
         metadata.insert("severity".into(), Value::String(severity));
@@ -223,8 +240,14 @@ impl Redactor<'_> {
     /// `hmac-sha256:<hex>` of `value`, lowercased first if it is an email
     /// address.
     fn pseudonym(&self, value: &str) -> String {
+        self.pseudonym_of(value, is_email(value))
+    }
+
+    /// [`Redactor::pseudonym`] for a caller that knows whether `value` is
+    /// an email address.
+    fn pseudonym_of(&self, value: &str, email: bool) -> String {
         let mut mac = self.mac.clone();
-        if is_email(value) {
+        if email {
             mac.update(value.to_lowercase().as_bytes());
         } else {
             mac.update(value.as_bytes());
@@ -303,7 +326,7 @@ impl Redactor<'_> {
         let mut last = 0;
         for (start, end) in spans {
             out.push_str(&text[last..start]);
-            out.push_str(&self.pseudonym(&text[start..end]));
+            out.push_str(&self.pseudonym_of(&text[start..end], true));
             last = end;
         }
         out.push_str(&text[last..]);
