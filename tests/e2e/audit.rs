@@ -27,6 +27,15 @@ async fn store_file_twice(text: &str, test: &str) -> Result {
     let (status, log) = weir.terminate()?;
     assert!(status.success(), "weir exited with {status}; log:\n{log}");
     assert_eq!(env.rows().await?, distinct, "log:\n{log}");
+    // Each event is counted once as stored, every other copy as a
+    // duplicate, whether it met its first copy in the same batch, in a
+    // batch written at the same time, or already stored.
+    let copies = 2 * lines.len() as i64;
+    let summary = format!(
+        "stored {distinct}, duplicates skipped {}, dead-lettered 0, dropped 0",
+        copies - distinct
+    );
+    assert!(log.contains(&summary), "expected `{summary}`; log:\n{log}");
     assert_eq!(
         env.queue_depth(&env.dlq()).await?,
         0,

@@ -3,9 +3,13 @@
 //!
 //! The insert binds one array per column and expands them with `UNNEST`, so
 //! the statement is the same whatever the batch size and is prepared once
-//! per connection. `ON CONFLICT (event_id) DO NOTHING` makes a redelivered
-//! event a no-op; two copies of one event in a batch are fine for the same
-//! reason.
+//! per connection. A batch is first tried as a plain insert, the cheapest
+//! for the database. If a key is already stored (a redelivery, or two
+//! copies in one batch), the database refuses it as a unique violation and
+//! the batch is inserted again with `ON CONFLICT (event_id) DO NOTHING
+//! RETURNING event_id`, which skips the stored keys and says which rows are
+//! new; duplicates tend to come in runs (a queue given back after a crash),
+//! so the next [`CAREFUL_BATCHES`] batches go straight to that form.
 //!
 //! Values PostgreSQL would refuse are made to fit before the insert, by
 //! these rules, so that they never cause a retry loop:
@@ -24,6 +28,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::types::Json;
+use std::sync::atomic::{AtomicU32, Ordering};
 use tracing::info;
 
 use crate::config::{redact_url as redact, PostgresSinkConfig};
@@ -31,16 +36,34 @@ use crate::event::{Event, ReasonClass, Rejection};
 
 pub use super::row::{Row, RowOutcome};
 
-/// The statement every batch runs.
-const INSERT: &str = "\
-INSERT INTO audit_logs (event_id, event_type, service, version, payload, metadata, \
-    organization_id, user_id, ip_address, user_agent, correlation_id, occurred_at, \
-    exchange, routing_key, raw_body, anomalies) \
-SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], \
-    $6::jsonb[], $7::text[], $8::text[], $9::text[]::inet[], $10::text[], $11::text[], \
-    $12::timestamptz[], $13::text[], $14::text[], $15::bytea[], $16::text[]) \
-ON CONFLICT (event_id) DO NOTHING \
-RETURNING event_id";
+/// The rows of a batch, one array per column.
+macro_rules! insert_rows {
+    () => {
+        "INSERT INTO audit_logs (event_id, event_type, service, version, payload, metadata, \
+            organization_id, user_id, ip_address, user_agent, correlation_id, occurred_at, \
+            exchange, routing_key, raw_body, anomalies) \
+        SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], \
+            $6::jsonb[], $7::text[], $8::text[], $9::text[]::inet[], $10::text[], $11::text[], \
+            $12::timestamptz[], $13::text[], $14::text[], $15::bytea[], $16::text[])"
+    };
+}
+
+/// A batch none of whose keys is stored yet.
+const INSERT: &str = insert_rows!();
+
+/// A batch that may hold stored keys: those are skipped, and the new ones
+/// returned.
+const INSERT_NEW: &str = concat!(
+    insert_rows!(),
+    " ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+);
+
+/// Batches written with [`INSERT_NEW`] straight away after one met a
+/// stored key.
+pub const CAREFUL_BATCHES: u32 = 64;
+
+/// SQLSTATE of a unique violation.
+const UNIQUE_VIOLATION: &str = "23505";
 
 /// The migrations built into this binary, from `migrations/postgres`.
 pub fn migrator() -> sqlx::migrate::Migrator {
@@ -81,6 +104,10 @@ impl PostgresError {
     }
 }
 
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some(UNIQUE_VIOLATION))
+}
+
 /// Whether the database refused rows for their content.
 fn is_row_error(e: &sqlx::Error) -> bool {
     match e {
@@ -95,6 +122,15 @@ fn is_row_error(e: &sqlx::Error) -> bool {
 /// A connected PostgreSQL sink.
 pub struct PostgresSink {
     pool: PgPool,
+    /// Batches still to write with [`INSERT_NEW`] before trying the plain
+    /// insert again.
+    careful: AtomicU32,
+}
+
+/// Which keys of an insert were new.
+enum Inserted {
+    All,
+    Keys(Vec<String>),
 }
 
 impl PostgresSink {
@@ -123,7 +159,10 @@ impl PostgresSink {
                 .map_err(PostgresError::Migrate)?;
             info!("Migrations applied.");
         }
-        Ok(PostgresSink { pool })
+        Ok(PostgresSink {
+            pool,
+            careful: AtomicU32::new(0),
+        })
     }
 
     /// The pool, for health checks.
@@ -157,7 +196,10 @@ impl PostgresSink {
         let mut pending = vec![(0usize, rows.len())];
         while let Some((start, end)) = pending.pop() {
             match self.insert(&rows[start..end]).await {
-                Ok(inserted) => mark_stored(&rows[start..end], inserted, &mut outcomes[start..end]),
+                Ok(Inserted::All) => outcomes[start..end].fill(RowOutcome::Stored),
+                Ok(Inserted::Keys(new)) => {
+                    mark_stored(&rows[start..end], new, &mut outcomes[start..end]);
+                }
                 Err(e) if e.is_transient() => return Err(e),
                 Err(e) if end - start == 1 => outcomes[start] = RowOutcome::Refused(refusal(&e)),
                 Err(_) => {
@@ -174,28 +216,32 @@ impl PostgresSink {
         Ok(by_event)
     }
 
-    /// Inserts rows and returns the keys that were new.
-    async fn insert(&self, rows: &[Row<'_>]) -> Result<Vec<String>, PostgresError> {
+    /// Inserts rows and says which keys were new: all of them when the
+    /// plain insert goes through, else those the careful one returns.
+    async fn insert(&self, rows: &[Row<'_>]) -> Result<Inserted, PostgresError> {
         let cols = Columns::new(rows);
-        sqlx::query_scalar(INSERT)
-            .bind(cols.event_id)
-            .bind(cols.event_type)
-            .bind(cols.service)
-            .bind(cols.version)
-            .bind(cols.payload)
-            .bind(cols.metadata)
-            .bind(cols.organization_id)
-            .bind(cols.user_id)
-            .bind(cols.ip_address)
-            .bind(cols.user_agent)
-            .bind(cols.correlation_id)
-            .bind(cols.occurred_at)
-            .bind(cols.exchange)
-            .bind(cols.routing_key)
-            .bind(cols.raw_body)
-            .bind(cols.anomalies)
+        let careful = self
+            .careful
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if !careful {
+            match cols.bind(sqlx::query(INSERT)).execute(&self.pool).await {
+                Ok(_) => return Ok(Inserted::All),
+                Err(e) if is_unique_violation(&e) => {
+                    self.careful.store(CAREFUL_BATCHES, Ordering::Relaxed);
+                }
+                Err(source) => {
+                    return Err(PostgresError::Insert {
+                        len: rows.len(),
+                        source,
+                    })
+                }
+            }
+        }
+        cols.bind(sqlx::query_scalar(INSERT_NEW))
             .fetch_all(&self.pool)
             .await
+            .map(Inserted::Keys)
             .map_err(|source| PostgresError::Insert {
                 len: rows.len(),
                 source,
@@ -282,6 +328,33 @@ fn refusal(e: &PostgresError) -> Rejection {
     Rejection::new(ReasonClass::Database, "postgres", detail)
 }
 
+/// The two kinds of query an insert is bound to.
+trait Bind<'q>: Sized {
+    fn bind_arg<T>(self, value: T) -> Self
+    where
+        T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>;
+}
+
+impl<'q> Bind<'q> for sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    fn bind_arg<T>(self, value: T) -> Self
+    where
+        T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+    {
+        self.bind(value)
+    }
+}
+
+impl<'q, O> Bind<'q>
+    for sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>
+{
+    fn bind_arg<T>(self, value: T) -> Self
+    where
+        T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+    {
+        self.bind(value)
+    }
+}
+
 /// Column arrays for one insert, borrowing from the rows.
 struct Columns<'r> {
     event_id: Vec<&'r str>,
@@ -303,6 +376,27 @@ struct Columns<'r> {
 }
 
 impl<'r> Columns<'r> {
+    /// Binds the arrays, in the order of the insert's parameters.
+    fn bind<'q, Q: Bind<'q>>(&'q self, query: Q) -> Q {
+        query
+            .bind_arg(&self.event_id)
+            .bind_arg(&self.event_type)
+            .bind_arg(&self.service)
+            .bind_arg(&self.version)
+            .bind_arg(&self.payload)
+            .bind_arg(&self.metadata)
+            .bind_arg(&self.organization_id)
+            .bind_arg(&self.user_id)
+            .bind_arg(&self.ip_address)
+            .bind_arg(&self.user_agent)
+            .bind_arg(&self.correlation_id)
+            .bind_arg(&self.occurred_at)
+            .bind_arg(&self.exchange)
+            .bind_arg(&self.routing_key)
+            .bind_arg(&self.raw_body)
+            .bind_arg(&self.anomalies)
+    }
+
     fn new(rows: &'r [Row<'_>]) -> Self {
         Columns {
             event_id: rows.iter().map(|r| &*r.event_id).collect(),
