@@ -199,17 +199,20 @@ def num(d, k):
 def mb(d):
     v = num(d, "peak_rss_kb")
     return f"{v / 1024:.0f} MB" if v else "-"
+def cpu(d):
+    keys = ("weir_cpu_us", "postgres_cpu_us", "broker_cpu_us")
+    return " / ".join(d[k] for k in keys) if all(k in d for k in keys) else "-"
 rows = [
-    ("B: blackhole sink, no transforms", num(b, "rate"), mb(b)),
-    ("postgres sink, no transforms", num(pg, "rate"), mb(pg)),
-    ("full audit pipeline into postgres", num(full, "rate"), mb(full)),
-    ("C: COPY of the same rows", num(c, "rate"), "-"),
+    ("B: blackhole sink, no transforms", num(b, "rate"), mb(b), cpu(b)),
+    ("postgres sink, no transforms", num(pg, "rate"), mb(pg), cpu(pg)),
+    ("full audit pipeline into postgres", num(full, "rate"), mb(full), cpu(full)),
+    ("C: COPY of the same rows", num(c, "rate"), "-", "-"),
 ]
 print(f"{events} events, {cores} cores, broker and database on this machine\n")
-print("| run | events/s | peak RSS |")
-print("|---|---:|---:|")
-for name, r, m in rows:
-    print(f"| {name} | {r:,.0f} |" if r else f"| {name} | - |", m, "|")
+print("| run | events/s | peak RSS | CPU µs/event: weir / PostgreSQL / RabbitMQ |")
+print("|---|---:|---:|---:|")
+for name, r, m, u in rows:
+    print(f"| {name} | {r:,.0f} |" if r else f"| {name} | - |", m, "|", u, "|")
 B, C, F = num(b, "rate"), num(c, "rate"), num(full, "rate")
 if B and C and F:
     ceiling = 1 / (1 / B + 1 / C)
