@@ -13,6 +13,9 @@ if ! rustup target list --installed | grep -qx "$target"; then
     rustup target add "$target"
 fi
 
+# The pipelines load plugins from plugins/target, so build there whatever
+# CARGO_TARGET_DIR says.
+export CARGO_TARGET_DIR="$PWD/target"
 cargo build --release --target "$target" --locked "$@"
 
 for wasm in target/"$target"/release/*.wasm; do

@@ -82,7 +82,7 @@ pub enum Command {
         reason: Option<String>,
         /// Only messages of this reason class (`decode`, `schema`, `plugin`,
         /// `database`, `delivery_limit`, or the broker's `expired`).
-        #[arg(long)]
+        #[arg(long, value_parser = ["decode", "schema", "plugin", "database", "delivery_limit", "expired"])]
         class: Option<String>,
         /// Only messages of this event_type.
         #[arg(long)]

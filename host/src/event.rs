@@ -128,6 +128,15 @@ impl Event {
         };
         check_envelope(&body)?;
         let key = idempotency_key(&body, msg, key);
+        if key.contains('\0') {
+            // Replacing the NUL, as the sink does in values, could make
+            // two distinct keys one and skip an event as a duplicate.
+            return Err(Rejection::decode(
+                "the idempotency key (the producer's event_id or message id) contains a NUL \
+                 character, which the store cannot keep"
+                    .to_string(),
+            ));
+        }
         Ok(Event {
             key,
             body,
@@ -331,6 +340,27 @@ mod tests {
             Event::decode(&m, &default_key()).expect("decodes").key,
             "m-7"
         );
+    }
+
+    #[test]
+    fn a_key_with_a_nul_is_refused_not_merged_with_its_lookalike() {
+        let body = r#"{"event_type":"a","service":"s","payload":{"s":"x\u0000"}}"#;
+        let mut with_nul = msg(body);
+        with_nul.message_id = Some("m\0b".into());
+        let why = Event::decode(&with_nul, &default_key()).expect_err("refused");
+        assert_eq!(why.class, ReasonClass::Decode);
+        assert!(why.reason.contains("NUL"), "{}", why.reason);
+
+        let field =
+            r#"{"event_type":"a","service":"s","payload":{},"metadata":{"event_id":"e\u0000"}}"#;
+        assert!(Event::decode(&msg(field), &default_key()).is_err());
+
+        let mut lookalike = msg(body);
+        lookalike.message_id = Some("m\u{FFFD}b".into());
+        let key = Event::decode(&lookalike, &default_key())
+            .expect("decodes")
+            .key;
+        assert_eq!(key, "m\u{FFFD}b");
     }
 
     #[test]

@@ -19,7 +19,7 @@
 //! read both.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -51,9 +51,6 @@ pub struct Metrics {
     /// Event types that get a label of their own: those with a schema,
     /// added by the pipeline once its transforms are built.
     known_types: RwLock<HashSet<String>>,
-    /// Whether the pipeline checks schemas at all; only then does an
-    /// unknown type count in `weir_schema_missing_total`.
-    checks_schemas: AtomicBool,
     consumed: IntCounterVec,
     processing: Histogram,
     dead_letters: IntCounterVec,
@@ -272,7 +269,7 @@ impl Metrics {
             schema_missing: counter(
                 &r,
                 "weir_schema_missing_total",
-                "Events whose event_type has no schema.",
+                "Events a schema stage found no schema for (type or version).",
             ),
             queue_depth: gauge_vec(
                 &r,
@@ -285,7 +282,6 @@ impl Metrics {
             ready,
             ready_lock: Mutex::new(()),
             registry: r,
-            checks_schemas: AtomicBool::new(!known_types.is_empty()),
             known_types: RwLock::new(known_types),
             dead_letter_log: RateLimit::new(10, Duration::from_secs(10)),
             duplicate_log: RateLimit::new(10, Duration::from_secs(10)),
@@ -306,8 +302,7 @@ impl Metrics {
     }
 
     /// Gives these event types a label of their own. Call it with the
-    /// types that have a schema; every other type is counted as `other`,
-    /// and in `weir_schema_missing_total`.
+    /// types that have a schema; every other type is counted as `other`.
     pub fn add_event_types<I, S>(&self, types: I)
     where
         I: IntoIterator<Item = S>,
@@ -315,15 +310,11 @@ impl Metrics {
     {
         let mut known = self.known_types.write().unwrap_or_else(|p| p.into_inner());
         known.extend(types.into_iter().map(Into::into));
-        self.checks_schemas.store(true, Ordering::Relaxed);
     }
 
-    /// An event of this type was decoded. Counts it as missing a schema
-    /// when schemas are checked and its type has none.
-    pub fn decoded(&self, event_type: &str) {
-        if self.checks_schemas.load(Ordering::Relaxed) && !self.is_known(event_type) {
-            self.schema_missing.inc();
-        }
+    /// A schema stage found no schema for an event's type and version.
+    pub fn schema_missing(&self) {
+        self.schema_missing.inc();
     }
 
     fn is_known(&self, event_type: &str) -> bool {
@@ -596,7 +587,7 @@ mod tests {
     fn every_metric_touched() -> Metrics {
         let m = Metrics::new(HashSet::from(["order.created".to_string()]));
         let why = Rejection::new(ReasonClass::Decode, "source", "not JSON");
-        m.decoded("made.up");
+        m.schema_missing();
         m.finished("order.created", Status::Stored, Instant::now());
         m.dead_lettered("", None, &why, Instant::now());
         m.duplicate("order.created", "k", Instant::now());

@@ -335,7 +335,6 @@ impl<S: Source> Runner<S> {
             Err(why) => return self.dead_letter(&delivery, "", None, &why, received).await,
         };
         trace!(key = %event.key, event_type = %event.event_type(), "Event decoded.");
-        self.metrics.decoded(event.event_type());
 
         let metrics = &self.metrics;
         let verdict = self.chain.apply_observed(
@@ -343,8 +342,10 @@ impl<S: Source> Runner<S> {
             Some(&S::message(&delivery).body[..]),
             |stage, took, verdict| {
                 metrics.stage(stage.name(), stage_outcome(verdict), took);
-                if let Transform::Wasm(_) = stage {
-                    metrics.plugin(stage.name(), took);
+                match stage {
+                    Transform::Wasm(_) => metrics.plugin(stage.name(), took),
+                    Transform::Schema(s) if s.missed_last() => metrics.schema_missing(),
+                    Transform::Schema(_) => {}
                 }
             },
         );

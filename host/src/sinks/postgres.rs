@@ -14,13 +14,15 @@
 //! Values PostgreSQL would refuse are made to fit before the insert, by
 //! these rules, so that they never cause a retry loop:
 //!
-//! - a NUL (`\u0000`) in any string or key is replaced by U+FFFD;
+//! - a NUL (`\u0000`) in any string or object key of the body is replaced
+//!   by U+FFFD (an idempotency key never holds one: see [`crate::event`]);
 //! - a `timestamp` that is not RFC 3339 leaves `occurred_at` NULL;
 //! - an `ip_address` that is not an IPv4 or IPv6 address leaves the `inet`
 //!   column NULL (the raw text stays in `metadata`).
 //!
-//! Whenever a rule fires, the row keeps the body exactly as received in
-//! `raw_body` and names the rules in `anomalies`. A batch the database still
+//! Whenever a rule fires, the row keeps the whole event as it reached the
+//! sink (after the transforms, so that redaction holds) in `raw_body` and
+//! names the rules in `anomalies`. A batch the database still
 //! refuses with a data or constraint error is split until the refused rows
 //! are found; those are dead-lettered with the database's message.
 

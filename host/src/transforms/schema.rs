@@ -301,6 +301,8 @@ pub struct SchemaTransform {
     set: SchemaSet,
     on_missing: SchemaPolicy,
     on_invalid: SchemaPolicy,
+    /// Whether the last event had no schema, whatever the policy did.
+    missed_last: bool,
 }
 
 impl SchemaTransform {
@@ -315,11 +317,18 @@ impl SchemaTransform {
             set: SchemaSet::load(dir)?,
             on_missing: cfg.on_missing,
             on_invalid: cfg.on_invalid,
+            missed_last: false,
         })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether the event last applied had no schema for its type and
+    /// version (counted in `weir_schema_missing_total`).
+    pub fn missed_last(&self) -> bool {
+        self.missed_last
     }
 
     /// The compiled schemas.
@@ -331,6 +340,7 @@ impl SchemaTransform {
     pub fn apply(&mut self, event: &mut Event) -> Verdict {
         let body = Value::Object(std::mem::take(&mut event.body));
         let check = self.set.check(&body);
+        self.missed_last = check == Check::Missing;
         if let Value::Object(map) = body {
             event.body = map;
         }
@@ -357,6 +367,35 @@ impl SchemaTransform {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_version_without_a_schema_is_missed_and_stored() {
+        let cfg = SchemaTransformConfig {
+            name: "schema".into(),
+            dir: "schemas".into(),
+            on_missing: SchemaPolicy::Store,
+            on_invalid: SchemaPolicy::DeadLetter,
+        };
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas");
+        let mut stage = SchemaTransform::new(&cfg, &dir).expect("shipped schemas load");
+        let order = |version: &str, total: &str| {
+            crate::event::test_event(&format!(
+                r#"{{"event_type":"order.created","service":"order-service","version":"{version}",
+                    "timestamp":"2026-11-29T10:00:00Z","payload":{{"total":{total}}}}}"#
+            ))
+        };
+        assert_eq!(stage.apply(&mut order("9.9", "\"x\"")), Verdict::Keep);
+        assert!(stage.missed_last(), "no schema for order.created 9.9");
+        let mut unknown =
+            crate::event::test_event(r#"{"event_type":"made.up","service":"s","payload":{}}"#);
+        assert_eq!(stage.apply(&mut unknown), Verdict::Keep);
+        assert!(stage.missed_last(), "no schema for made.up");
+        assert!(matches!(
+            stage.apply(&mut order("1.0", "\"x\"")),
+            Verdict::Reject(_)
+        ));
+        assert!(!stage.missed_last(), "order.created 1.0 has a schema");
+    }
 
     #[test]
     fn versions_compare_numerically() {
