@@ -480,14 +480,18 @@ impl<S: Source> Runner<S> {
         received: Instant,
     ) -> Result<(), PipelineError> {
         let mut backoff = Backoff::new(self.retry);
-        loop {
+        let done = loop {
             match self.source.dead_letter(delivery, why, key).await {
-                Ok(()) => break,
+                Ok(done) => break done,
                 Err(e) => self.settle_failed(e, &mut backoff).await?,
             }
+        };
+        // Not done: the link was lost, the message goes back to the queue
+        // and is counted when it is handled again.
+        if done {
+            self.summary.dead_lettered += 1;
+            self.metrics.dead_lettered(event_type, key, why, received);
         }
-        self.summary.dead_lettered += 1;
-        self.metrics.dead_lettered(event_type, key, why, received);
         self.flush_acks().await
     }
 

@@ -453,21 +453,21 @@ impl AmqpSource {
 
     /// Publishes the original message to the dead-letter exchange with the
     /// reason in its headers, waits for the broker's confirm, then
-    /// acknowledges the delivery.
+    /// acknowledges the delivery. `false` when the link was lost instead:
+    /// that is not an error, the message comes back and is handled again.
     ///
     /// # Errors
     ///
     /// When the broker could not route or refused the dead letter; the
-    /// delivery is then left unacknowledged so it is not lost. A lost link
-    /// is not an error: the message comes back and is handled again.
+    /// delivery is then left unacknowledged so it is not lost.
     pub async fn dead_letter(
         &mut self,
         delivery: &Delivery,
         why: &Rejection,
         key: Option<&str>,
-    ) -> Result<(), AmqpError> {
+    ) -> Result<bool, AmqpError> {
         if self.stale(delivery) {
-            return Ok(());
+            return Ok(false);
         }
         let dl = &self.cfg.dead_letter;
         let props = dead_letter_properties(&delivery.properties, &delivery.message, why, key);
@@ -493,7 +493,7 @@ impl AmqpSource {
             Err(error) => {
                 warn!(%error, "Publishing a dead letter failed; the link is lost and the message will come back.");
                 self.broken = true;
-                return Ok(());
+                return Ok(false);
             }
         };
         match confirm {
@@ -507,7 +507,8 @@ impl AmqpSource {
             Confirmation::Ack(None) | Confirmation::NotRequested => {}
         }
         self.ack(delivery).await?;
-        self.flush_acks().await
+        self.flush_acks().await?;
+        Ok(true)
     }
 
     /// Stops the consumer, so the broker sends nothing more. Deliveries

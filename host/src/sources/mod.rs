@@ -60,13 +60,14 @@ pub trait Source {
     }
 
     /// Sends the original message where dead letters go, with the reason,
-    /// then settles the delivery.
+    /// then settles the delivery. `false` when it could not, and the
+    /// message comes back by itself (a lost broker link).
     async fn dead_letter(
         &mut self,
         d: &Self::Delivery,
         why: &Rejection,
         key: Option<&str>,
-    ) -> Result<(), SourceError>;
+    ) -> Result<bool, SourceError>;
 
     /// How often this delivery was delivered before, where the source
     /// keeps count.
@@ -122,7 +123,7 @@ impl Source for amqp::AmqpSource {
         d: &Self::Delivery,
         why: &Rejection,
         key: Option<&str>,
-    ) -> Result<(), SourceError> {
+    ) -> Result<bool, SourceError> {
         Ok(amqp::AmqpSource::dead_letter(self, d, why, key).await?)
     }
 
@@ -161,8 +162,9 @@ impl Source for file::FileSource {
         d: &Self::Delivery,
         why: &Rejection,
         key: Option<&str>,
-    ) -> Result<(), SourceError> {
-        Ok(file::FileSource::dead_letter(self, d, why, key).await?)
+    ) -> Result<bool, SourceError> {
+        file::FileSource::dead_letter(self, d, why, key).await?;
+        Ok(true)
     }
 
     async fn stop(&mut self) {
