@@ -137,9 +137,9 @@ macro_rules! export_plugin {
                 ) -> $crate::bindings::exports::weir::plugin::transformer::Outcome {
                     $crate::__private::process::<$plugin>(&WEIR_PLUGIN, event)
                 }
-    }
+            }
 
-            $crate::bindings::export!(WeirPluginExport with_types_in $crate::bindings);
+    $crate::bindings::export!(WeirPluginExport with_types_in $crate::bindings);
         };
 
         // Elsewhere, name the type anyway so that a native build of the
