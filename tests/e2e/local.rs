@@ -7,7 +7,7 @@
 //! that no server is needed.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use sqlx::sqlite::SqliteConnectOptions;
@@ -54,18 +54,16 @@ impl LocalRepo {
     /// summary line and its whole standard error.
     fn run(&self) -> Result<(String, String)> {
         let log = self.path(&format!("weir-{}.log", std::process::id()));
-        let child = Command::new(env!("CARGO_BIN_EXE_weir"))
-            .arg("run")
-            .arg(self.path("pipelines/local.toml"))
-            .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
-            .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/nowhere")
-            .env("WEIR_LOG", "info")
-            .env("WEIR_METRICS_ADDR", "127.0.0.1:0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?;
-        let (status, log) = Weir { child, log }.wait_exit(RUN_LIMIT)?;
+        let weir = start_weir(
+            &self.path("pipelines/local.toml"),
+            log,
+            &[],
+            &[
+                ("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f"),
+                ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/nowhere"),
+            ],
+        )?;
+        let (status, log) = weir.wait_exit(RUN_LIMIT)?;
         assert!(status.success(), "weir exited with {status}; log:\n{log}");
         let summary = log
             .lines()

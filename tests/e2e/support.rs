@@ -155,18 +155,7 @@ impl TestEnv {
             "weir-{}.log",
             COUNTER.fetch_add(1, Ordering::SeqCst)
         ));
-        let child = Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args(args)
-            .arg("run")
-            .arg(pipeline)
-            .env("WEIR_LOG", "info")
-            // A free port each: tests run in parallel.
-            .env("WEIR_METRICS_ADDR", "127.0.0.1:0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?;
-        Ok(Weir { child, log })
+        start_weir(pipeline, log, args, &[])
     }
 
     /// Publishes one body and waits for the broker's confirm.
@@ -331,6 +320,32 @@ impl DeadLetter {
             _ => None,
         }
     }
+}
+
+/// Starts `weir ARGS run PIPELINE` with its log at `log`, at log level
+/// info, with `env` set on top. The metrics listener takes a free port
+/// each: tests run in parallel.
+pub fn start_weir(
+    pipeline: &Path,
+    log: PathBuf,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<Weir> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_weir"));
+    cmd.args(args)
+        .arg("run")
+        .arg(pipeline)
+        .env("WEIR_LOG", "info")
+        .env("WEIR_METRICS_ADDR", "127.0.0.1:0");
+    for (name, value) in env {
+        cmd.env(name, value);
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    Ok(Weir { child, log })
 }
 
 /// A running `weir` process.
