@@ -290,6 +290,58 @@ async fn sigterm_commits_the_open_batch_and_exits_zero() -> Result {
     env.cleanup().await
 }
 
+/// PostgreSQL refuses an index entry over about 8 kB (SQLSTATE 54000):
+/// that row is set aside, the rest of its batch is stored, and nothing
+/// stalls.
+#[tokio::test]
+async fn a_row_past_postgres_limits_is_dead_lettered_and_its_batch_stored() -> Result {
+    let env = TestEnv::new("past_limits").await?;
+    // The audit checks are on: an unknown type passes them and is stored.
+    let path = env.write_pipeline(&env.pipeline_text("", "", &audit_transforms()?))?;
+    let weir = env.spawn(&path)?;
+    weir.wait_started(Duration::from_secs(30)).await?;
+    let ex = env.exchange("order_events");
+    // Random text: PostgreSQL compresses a repetitive one below the limit.
+    let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+    let long: String = (0..9000)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            char::from(b'a' + (state % 26) as u8)
+        })
+        .collect();
+    let event = |id: u32, event_type: &str| {
+        format!(
+            r#"{{"event_type":"{event_type}","service":"s","version":"1.0","timestamp":"2026-11-29T10:00:00Z","payload":{{"x":1}},"metadata":{{"event_id":"22222222-0000-4000-8000-{id:012}"}}}}"#
+        )
+    };
+    env.publish(&ex, "x", event(1, &format!("nv.{long}")).as_bytes())
+        .await?;
+    for id in 2..=4 {
+        env.publish(&ex, "x", event(id, "audit.probe").as_bytes())
+            .await?;
+    }
+    let dead = env.take_dead_letters(1, ROWS_LIMIT).await?;
+    assert_eq!(dead.len(), 1, "log:\n{}", weir.log_text());
+    assert_eq!(
+        dead[0].header("x-weir-reason-class").as_deref(),
+        Some("database"),
+        "log:\n{}",
+        weir.log_text()
+    );
+    let reason = dead[0].header("x-weir-reason").unwrap_or_default();
+    assert!(reason.contains("54000"), "{reason}");
+    assert_eq!(env.wait_rows(3, ROWS_LIMIT).await?, 3);
+    let (status, log) = weir.terminate()?;
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("stored 3, duplicates skipped 0, dead-lettered 1, dropped 0"),
+        "{log}"
+    );
+    env.cleanup().await
+}
+
 #[tokio::test]
 async fn values_postgres_refuses_are_stored_by_the_documented_rules() -> Result {
     let env = TestEnv::new("refused_values").await?;

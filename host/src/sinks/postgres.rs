@@ -93,10 +93,11 @@ pub enum PostgresError {
 }
 
 impl PostgresError {
-    /// Whether waiting may fix this. Data and constraint errors (SQLSTATE
-    /// classes 22 and 23) are about the rows, not the database, and are
-    /// handled by splitting the batch; everything else is the database's
-    /// state and worth a retry.
+    /// Whether waiting may fix this. Data and constraint errors and values
+    /// past one of PostgreSQL's limits (SQLSTATE classes 22, 23 and 54,
+    /// e.g. a text too long for an index entry) are about the rows, not
+    /// the database, and are handled by splitting the batch; everything
+    /// else is the database's state and worth a retry.
     pub fn is_transient(&self) -> bool {
         match self {
             PostgresError::Insert { source, .. } => !is_row_error(source),
@@ -115,7 +116,7 @@ fn is_row_error(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => db
             .code()
-            .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+            .is_some_and(|c| ["22", "23", "54"].iter().any(|class| c.starts_with(class))),
         sqlx::Error::Encode(_) => true,
         _ => false,
     }
