@@ -3,6 +3,7 @@
 //! event is still stored once, or dead-lettered with its reason.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::proxy::Proxy;
@@ -31,6 +32,20 @@ fn host_port(url: &str) -> Result<SocketAddr> {
 /// Fast retries so a ten-second outage is noticed soon after it ends.
 const FAST_RETRY: &str = "\n[retry]\ninitial = \"50ms\"\nmax = \"1s\"\n";
 
+/// A pipeline file whose sink reaches PostgreSQL through a proxy the test
+/// can cut, with `sink_extra` in its `[sink]`, a short connect timeout and
+/// fast retries.
+async fn through_database_proxy(env: &TestEnv, sink_extra: &str) -> Result<(Proxy, PathBuf)> {
+    let upstream = host_port(&env.db_url)?;
+    let proxy = Proxy::start(upstream).await?;
+    let pipeline = env
+        .pipeline_text("", &format!("{sink_extra}\nconnect_timeout = \"1s\""), "")
+        .replace(&upstream.to_string(), &proxy.addr.to_string())
+        + FAST_RETRY;
+    let path = env.write_pipeline(&pipeline)?;
+    Ok((proxy, path))
+}
+
 // The proxy runs on this test's runtime; a second worker keeps it
 // forwarding while the test blocks on weir's exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,13 +53,8 @@ async fn database_cut_for_ten_seconds_loses_and_dead_letters_nothing() -> Result
     let text = sample()?;
     let distinct = distinct_lines(&text) as i64;
     let env = TestEnv::new("db_cut").await?;
-    let upstream = host_port(&env.db_url)?;
-    let proxy = Proxy::start(upstream).await?;
-    let pipeline = env
-        .pipeline_text("", "max_events = 20\nconnect_timeout = \"1s\"", "")
-        .replace(&upstream.to_string(), &proxy.addr.to_string())
-        + FAST_RETRY;
-    let weir = env.spawn(&env.write_pipeline(&pipeline)?)?;
+    let (proxy, path) = through_database_proxy(&env, "max_events = 20").await?;
+    let weir = env.spawn(&path)?;
     weir.wait_started(Duration::from_secs(30)).await?;
 
     env.publish_lines(&lines(&text)).await?;
@@ -392,13 +402,7 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_database_outage_exits_and_loses_nothing() -> Result {
     let env = TestEnv::new("term_outage").await?;
-    let upstream = host_port(&env.db_url)?;
-    let proxy = Proxy::start(upstream).await?;
-    let pipeline = env
-        .pipeline_text("", "connect_timeout = \"1s\"", "")
-        .replace(&upstream.to_string(), &proxy.addr.to_string())
-        + FAST_RETRY;
-    let path = env.write_pipeline(&pipeline)?;
+    let (proxy, path) = through_database_proxy(&env, "").await?;
     let weir = env.spawn(&path)?;
     weir.wait_started(Duration::from_secs(30)).await?;
     proxy.cut();

@@ -28,8 +28,9 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::types::Json;
+use sqlx::Arguments;
 use std::sync::atomic::{AtomicU32, Ordering};
 use tracing::info;
 
@@ -227,28 +228,26 @@ impl PostgresSink {
             .careful
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
             .is_ok();
+        let failed = |source| PostgresError::Insert {
+            len: rows.len(),
+            source,
+        };
         if !careful {
-            match cols.bind(sqlx::query(INSERT)).execute(&self.pool).await {
+            let args = cols.arguments().map_err(failed)?;
+            match sqlx::query_with(INSERT, args).execute(&self.pool).await {
                 Ok(_) => return Ok(Inserted::All),
                 Err(e) if is_unique_violation(&e) => {
                     self.careful.store(CAREFUL_BATCHES, Ordering::Relaxed);
                 }
-                Err(source) => {
-                    return Err(PostgresError::Insert {
-                        len: rows.len(),
-                        source,
-                    })
-                }
+                Err(source) => return Err(failed(source)),
             }
         }
-        cols.bind(sqlx::query_scalar(INSERT_NEW))
+        let args = cols.arguments().map_err(failed)?;
+        sqlx::query_scalar_with(INSERT_NEW, args)
             .fetch_all(&self.pool)
             .await
             .map(Inserted::Keys)
-            .map_err(|source| PostgresError::Insert {
-                len: rows.len(),
-                source,
-            })
+            .map_err(failed)
     }
 
     /// Counts one more delivery of a message the broker redelivered, for
@@ -331,33 +330,6 @@ fn refusal(e: &PostgresError) -> Rejection {
     Rejection::new(ReasonClass::Database, "postgres", detail)
 }
 
-/// The two kinds of query an insert is bound to.
-trait Bind<'q>: Sized {
-    fn bind_arg<T>(self, value: T) -> Self
-    where
-        T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>;
-}
-
-impl<'q> Bind<'q> for sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    fn bind_arg<T>(self, value: T) -> Self
-    where
-        T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
-    {
-        self.bind(value)
-    }
-}
-
-impl<'q, O> Bind<'q>
-    for sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>
-{
-    fn bind_arg<T>(self, value: T) -> Self
-    where
-        T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
-    {
-        self.bind(value)
-    }
-}
-
 /// Column arrays for one insert, borrowing from the rows.
 struct Columns<'r> {
     event_id: Vec<&'r str>,
@@ -379,25 +351,28 @@ struct Columns<'r> {
 }
 
 impl<'r> Columns<'r> {
-    /// Binds the arrays, in the order of the insert's parameters.
-    fn bind<'q, Q: Bind<'q>>(&'q self, query: Q) -> Q {
-        query
-            .bind_arg(&self.event_id)
-            .bind_arg(&self.event_type)
-            .bind_arg(&self.service)
-            .bind_arg(&self.version)
-            .bind_arg(&self.payload)
-            .bind_arg(&self.metadata)
-            .bind_arg(&self.organization_id)
-            .bind_arg(&self.user_id)
-            .bind_arg(&self.ip_address)
-            .bind_arg(&self.user_agent)
-            .bind_arg(&self.correlation_id)
-            .bind_arg(&self.occurred_at)
-            .bind_arg(&self.exchange)
-            .bind_arg(&self.routing_key)
-            .bind_arg(&self.raw_body)
-            .bind_arg(&self.anomalies)
+    /// The arrays as the insert's parameters, in order. Encoding happens
+    /// here, so a value that cannot be encoded fails as the insert would.
+    fn arguments(&self) -> Result<PgArguments, sqlx::Error> {
+        let mut args = PgArguments::default();
+        args.add(&self.event_id)
+            .and_then(|()| args.add(&self.event_type))
+            .and_then(|()| args.add(&self.service))
+            .and_then(|()| args.add(&self.version))
+            .and_then(|()| args.add(&self.payload))
+            .and_then(|()| args.add(&self.metadata))
+            .and_then(|()| args.add(&self.organization_id))
+            .and_then(|()| args.add(&self.user_id))
+            .and_then(|()| args.add(&self.ip_address))
+            .and_then(|()| args.add(&self.user_agent))
+            .and_then(|()| args.add(&self.correlation_id))
+            .and_then(|()| args.add(&self.occurred_at))
+            .and_then(|()| args.add(&self.exchange))
+            .and_then(|()| args.add(&self.routing_key))
+            .and_then(|()| args.add(&self.raw_body))
+            .and_then(|()| args.add(&self.anomalies))
+            .map_err(sqlx::Error::Encode)?;
+        Ok(args)
     }
 
     fn new(rows: &'r [Row<'_>]) -> Self {
